@@ -1,0 +1,61 @@
+"""The one place bnjax talks across devices.
+
+Per-device moments are combined with a single `lax.all_gather` of (count, pivot, delta, m2) over the
+named axis, then merged on every device with Chan's parallel formula, weighted by counts. That is
+exact for unequal valid counts (means are never averaged), keeps the shifted form (so large offsets
+stay exact), and gives every device bit-identical statistics.
+
+`axis_index_groups` is honoured by weighting the gathered moments with a static membership matrix,
+so groups of unequal size are exact and work the same under `shard_map`, `pmap` and
+`vmap(axis_name=...)`.
+"""
+
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from bnjax import _checks
+from bnjax.stats import Moments
+
+
+def axis_size(axis_name: Any) -> int:
+  """The static number of devices along `axis_name` (a name or a tuple of names)."""
+  return lax.axis_size(axis_name)
+
+
+def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = None,
+                    *, where: str = "bnjax.batch_norm") -> Moments:
+  """Merges per-device moments over `axis_name` (within each group) into global moments.
+
+  Args:
+    moments: this device's `Moments`.
+    axis_name: a named axis bound by `shard_map`, `pmap` or `vmap`, or None (returns `moments`).
+    axis_index_groups: None, or a partition of the axis indices into groups that are combined
+      separately.
+    where: the public function to name in errors.
+
+  Returns:
+    `Moments` of the union of the group's data, identical on every member.
+  """
+  if axis_name is None:
+    return moments
+  stacked = jnp.stack([moments.count, moments.pivot, moments.delta, moments.m2])
+  gathered = lax.all_gather(stacked, axis_name)  # [devices, 4, ...]
+  count, pivot, delta, m2 = (gathered[:, i] for i in range(4))
+  if axis_index_groups is not None:
+    membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), where)
+    weight = jnp.asarray(membership, count.dtype)[lax.axis_index(axis_name)]
+    count = count * weight.reshape((-1,) + (1,) * (count.ndim - 1))
+  has_data = count > 0
+  total = jnp.sum(count, axis=0)
+  # A common reference: the pivot of the first member with data (any member's pivot is a data value).
+  first = jnp.argmax(has_data, axis=0)
+  reference = jnp.take_along_axis(pivot, first[None], axis=0)[0]
+  offset = jnp.where(has_data, (pivot - reference) + delta, jnp.zeros((), pivot.dtype))
+  global_delta = jnp.sum(count * offset, axis=0) / jnp.maximum(total, 1)
+  spread = offset - global_delta
+  global_m2 = (jnp.sum(jnp.where(has_data, m2, jnp.zeros((), m2.dtype)), axis=0)
+               + jnp.sum(count * spread * spread, axis=0))
+  return Moments(total, reference, global_delta, global_m2)

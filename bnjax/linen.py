@@ -1,0 +1,116 @@
+"""`bnjax.BatchNorm`: a drop-in for `flax.linen.BatchNorm` whose math is `bnjax.batch_norm`."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from flax import linen as nn
+from flax.linen import dtypes as flax_dtypes
+from flax.linen import initializers
+import jax
+import jax.numpy as jnp
+
+from bnjax import _checks
+from bnjax.functional import batch_norm
+from bnjax.types import BatchNormParams, BatchNormState
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization for `flax.linen`, with the fields, call and variables of `nn.BatchNorm`.
+
+  It declares ``params`` (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``) exactly as
+  Flax does, calls `bnjax.batch_norm` and writes the new running statistics back. Compared with
+  Flax, the statistics are exact (shifted two-pass, count-weighted across devices, NaN-safe masks,
+  running statistics that a bad batch cannot poison), and training with one value per channel
+  raises. ``use_fast_variance`` and ``force_float32_reductions`` are accepted so existing code
+  runs unchanged; bnjax always computes exact statistics in at least float32.
+
+  As in Flax, ``init`` does not update the running statistics and uses no collective, so the named
+  axis need not exist while initialising.
+
+  Attributes:
+    use_running_average: if True, normalise with the running statistics (evaluation).
+    axis: the feature axis or axes.
+    momentum: decay of the running averages (Flax's convention).
+    epsilon: added to the variance.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale`` and ``bias``.
+    use_bias: whether to learn β.
+    use_scale: whether to learn γ.
+    bias_init: initializer for β.
+    scale_init: initializer for γ.
+    axis_name: named axis (or axes) to combine statistics over.
+    axis_index_groups: partition of that axis into groups combined separately.
+    use_fast_variance: accepted for compatibility; bnjax's variance is always exact.
+    force_float32_reductions: accepted for compatibility; statistics are always at least float32.
+    unbiased_running_var: store the unbiased variance in the running average (PyTorch's rule).
+
+  Examples:
+    >>> model = bnjax.BatchNorm(use_running_average=False)
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> y, updates = model.apply(variables, x, mutable=['batch_stats'])
+    >>> updates['batch_stats']['mean']
+    Array([0.02, 0.03], dtype=float32)
+  """
+
+  use_running_average: bool | None = None
+  axis: int | Sequence[int] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  unbiased_running_var: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Normalises `x` with batch statistics (training) or running statistics (evaluation).
+
+    Args:
+      x: the input, any rank; features along ``self.axis``.
+      use_running_average: overrides the field of the same name (one of them must be set).
+      mask: bool array broadcastable to ``x``; statistics use only True positions.
+
+    Returns:
+      The normalised input, of the shape of ``x``.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    feature_axes = _checks.canonical_axes(jnp.ndim(x), self.axis, "bnjax.BatchNorm")
+    feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
+
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                            feature_shape)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                           feature_shape)
+    scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+            if self.use_bias else None)
+    dtype = flax_dtypes.canonicalize_dtype(
+        x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
+
+    initializing = self.is_initializing()
+    train = not use_running_average
+    if train and initializing:
+      # Flax initialises with a single example all the time; statistics of one value are
+      # meaningless and are not stored during init, so normalise with the initial state instead.
+      reduce_axes = tuple(a for a in range(jnp.ndim(x)) if a not in feature_axes)
+      train = _checks.static_count(jnp.shape(x), reduce_axes) > 1
+    y, new_state = batch_norm(
+        BatchNormParams(scale, bias), BatchNormState(ra_mean.value, ra_var.value), x, train,
+        axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        mask=mask, unbiased_running_var=self.unbiased_running_var, dtype=dtype)
+    if train and not initializing:
+      ra_mean.value, ra_var.value = new_state
+    return y
