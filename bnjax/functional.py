@@ -166,7 +166,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
     >>> y.round(3)
     Array([[-1., -1.],
            [ 1.,  1.]], dtype=float32)
-    >>> state.mean
+    >>> state.mean.round(4)
     Array([0.02, 0.2 ], dtype=float32)
   """
   train = _checks.check_train(train, _WHERE)
@@ -184,7 +184,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
                      "no batch statistics.")
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
   x = x.astype(stats_dtype)
   keep_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
 

@@ -84,7 +84,7 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
     count = jnp.full(pivot.shape, count, x.dtype)
     shifted = x - pivot
   else:
-    repeats = np.prod([x.shape[a] for a in reduce_axes if mask.shape[a] == 1])
+    repeats = int(np.prod([x.shape[a] for a in reduce_axes if mask.shape[a] == 1]))
     count = jnp.sum(mask, axis=reduce_axes, keepdims=True, dtype=x.dtype) * repeats
     count = jnp.broadcast_to(count, pivot.shape)
     shifted = jnp.where(mask, x - pivot, jnp.zeros((), x.dtype))
