@@ -49,13 +49,13 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
     weight = jnp.asarray(membership, count.dtype)[lax.axis_index(axis_name)]
     count = count * weight.reshape((-1,) + (1,) * (count.ndim - 1))
   has_data = count > 0
-  total = jnp.sum(count, axis=0)
+  total = jnp.sum(count, axis=0, keepdims=True)
   # A common reference: the pivot of the first member with data (any member's pivot is a data value).
-  first = jnp.argmax(has_data, axis=0)
-  reference = jnp.take_along_axis(pivot, first[None], axis=0)[0]
+  first = jnp.argmax(has_data, axis=0, keepdims=True)
+  reference = jnp.take_along_axis(pivot, first, axis=0)
   offset = jnp.where(has_data, (pivot - reference) + delta, jnp.zeros((), pivot.dtype))
-  global_delta = jnp.sum(count * offset, axis=0) / jnp.maximum(total, 1)
+  global_delta = jnp.sum(count * offset, axis=0, keepdims=True) / jnp.maximum(total, 1)
   spread = offset - global_delta
   global_m2 = (jnp.sum(jnp.where(has_data, m2, jnp.zeros((), m2.dtype)), axis=0)
                + jnp.sum(count * spread * spread, axis=0))
-  return Moments(total, reference, global_delta, global_m2)
+  return Moments(total[0], reference[0], global_delta[0], global_m2)

@@ -198,7 +198,10 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   if train:
     devices = 1
     if axis_name is not None:
-      devices = _checks.smallest_group(axis_index_groups, distributed.axis_size(axis_name))
+      size = distributed.axis_size(axis_name)
+      if axis_index_groups is not None:
+        _checks.partition_matrix(axis_index_groups, size, _WHERE)
+      devices = _checks.smallest_group(axis_index_groups, size)
     _checks.check_values_per_channel(_checks.static_count(x.shape, reduce_axes), devices, _WHERE)
     moments = stats.local_moments(x, mask, reduce_axes)
     moments = distributed.combine_moments(moments, axis_name, axis_index_groups, where=_WHERE)

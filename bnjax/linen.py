@@ -95,8 +95,9 @@ class BatchNorm(nn.Module):
              if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
             if self.use_bias else None)
-    dtype = flax_dtypes.canonicalize_dtype(
-        x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
+    with jax.numpy_dtype_promotion("standard"):  # Flax's inference rule, whatever the config.
+      dtype = flax_dtypes.canonicalize_dtype(
+          x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
 
     initializing = self.is_initializing()
     train = not use_running_average
