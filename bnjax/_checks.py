@@ -20,7 +20,12 @@ def _fail(where: str, message: str, exception_type: type[Exception] = ValueError
 
 def canonical_axes(ndim: int, axis: int | Sequence[int], where: str) -> tuple[int, ...]:
   """Returns `axis` as a sorted tuple of non-negative ints, or raises naming `axis`."""
-  axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  if isinstance(axis, numbers.Integral):
+    axes = (axis,)
+  elif isinstance(axis, Sequence):
+    axes = tuple(axis)
+  else:
+    _fail(where, f"`axis` must be an int or a tuple of ints; got {axis!r}.", TypeError)
   if not axes:
     _fail(where, "`axis` must name at least one feature axis; got an empty tuple.")
   for a in axes:

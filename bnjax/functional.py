@@ -38,7 +38,7 @@ def init(num_features: int | Sequence[int], *, dtype: Any = jnp.float32, use_sca
     >>> params.scale, state.var
     (Array([1., 1., 1.], dtype=float32), Array([1., 1., 1.], dtype=float32))
   """
-  shape = (num_features,) if isinstance(num_features, numbers.Integral) else tuple(num_features)
+  shape = (num_features,) if not isinstance(num_features, Sequence) else tuple(num_features)
   if not shape or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
                       for n in shape):
     raise ValueError(f"bnjax.init: `num_features` must be a positive int or a non-empty tuple of "
