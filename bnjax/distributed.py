@@ -59,3 +59,17 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
   global_m2 = (jnp.sum(jnp.where(has_data, m2, jnp.zeros((), m2.dtype)), axis=0)
                + jnp.sum(count * spread * spread, axis=0))
   return Moments(total[0], reference[0], global_delta[0], global_m2)
+
+
+def sum_over_devices(values: jax.Array, axis_name: Any, axis_index_groups: Any = None
+                     ) -> jax.Array:
+  """Sums `values` over `axis_name` (within each group) with one collective; identity without."""
+  if axis_name is None:
+    return values
+  if axis_index_groups is None:
+    return lax.psum(values, axis_name)
+  # `psum` with groups is unavailable under `shard_map`: gather and sum the group's members.
+  membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), "bnjax")
+  weight = jnp.asarray(membership, values.dtype)[lax.axis_index(axis_name)]
+  gathered = lax.all_gather(values, axis_name)
+  return jnp.tensordot(weight, gathered, axes=1)

@@ -1,8 +1,9 @@
 """The pure batch-norm core: `init`, `batch_norm` and the running-statistics update."""
 
 from collections.abc import Sequence
-from typing import Any
+import functools
 import numbers
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -107,7 +108,8 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
 def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = -1, momentum: Any = 0.99, epsilon: Any = 1e-5,
                axis_name: Any = None, axis_index_groups: Any = None, mask: jax.Array | None = None,
-               unbiased_running_var: bool = False, dtype: Any = None, return_stats: bool = False):
+               unbiased_running_var: bool = False, dtype: Any = None, return_stats: bool = False,
+               custom_vjp: bool = True):
   r"""Batch normalization, as a pure function of parameters, running statistics and input.
 
   .. math::
@@ -149,6 +151,9 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       variance.
     dtype: the output dtype; defaults to ``x.dtype``.
     return_stats: also return the step's ``BatchStats`` (training only).
+    custom_vjp: differentiate training mode with bnjax's closed-form backward pass, which keeps
+      only ``x`` for the backward and needs one collective; False uses JAX's autodiff, which also
+      supports forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
 
   Returns:
     ``(y, new_state)``, or ``(y, new_state, batch_stats)`` with ``return_stats=True``.
@@ -185,52 +190,171 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
-  x = x.astype(stats_dtype)
   keep_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
 
-  def expand(v):  # feature shape -> x's rank, reduced axes as 1.
-    return v.astype(stats_dtype).reshape(keep_shape)
+  def expand(v):  # feature shape -> x's rank, reduced axes as 1, statistics dtype.
+    return None if v is None else v.astype(stats_dtype).reshape(keep_shape)
 
   def squeeze(v):  # x's rank -> feature shape.
     return v.reshape(feature_shape)
 
+  scale, bias = expand(params.scale), expand(params.bias)
   running_mean, running_var = expand(state.mean), expand(state.var)
-  if train:
-    devices = 1
-    if axis_name is not None:
-      size = distributed.axis_size(axis_name)
-      if axis_index_groups is not None:
-        _checks.partition_matrix(axis_index_groups, size, _WHERE)
-      devices = _checks.smallest_group(axis_index_groups, size)
-    _checks.check_values_per_channel(_checks.static_count(x.shape, reduce_axes), devices, _WHERE)
-    moments = stats.local_moments(x, mask, reduce_axes)
-    moments = distributed.combine_moments(moments, axis_name, axis_index_groups, where=_WHERE)
-    has_data = moments.count > 0
-    zero = jnp.zeros((), stats_dtype)
-    centre = jnp.where(has_data, moments.pivot, running_mean)
-    delta = jnp.where(has_data, moments.delta, zero)
-    var = jnp.where(has_data, moments.var, running_var)
-    new_state, updated = update_running_stats(
-        state, squeeze(moments.mean), squeeze(moments.var), squeeze(moments.count), momentum,
-        unbiased_running_var)
-  else:
-    centre, delta, var = running_mean, None, running_var
-    new_state = state
+  epsilon = jnp.asarray(epsilon, stats_dtype)
+  if not train:
+    y = _normalize(x.astype(stats_dtype), mask, running_mean, None, running_var, scale, bias,
+                   epsilon).astype(out_dtype)
+    return y, state
 
-  if mask is not None:  # Keep non-finite values at masked positions out of every computation.
-    fill = centre if delta is None else centre + delta
-    x = jnp.where(mask | jnp.isfinite(x), x, fill)
-  centred = x - centre if delta is None else (x - centre) - delta
-  multiplier = lax.rsqrt(var + jnp.asarray(epsilon, stats_dtype))
-  if params.scale is not None:
-    multiplier = multiplier * expand(params.scale)
-  y = centred * multiplier
-  if params.bias is not None:
-    y = y + expand(params.bias)
-  y = y.astype(out_dtype)
+  devices = 1
+  if axis_name is not None:
+    size = distributed.axis_size(axis_name)
+    if axis_index_groups is not None:
+      _checks.partition_matrix(axis_index_groups, size, _WHERE)
+      axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    devices = _checks.smallest_group(axis_index_groups, size)
+  _checks.check_values_per_channel(_checks.static_count(x.shape, reduce_axes), devices, _WHERE)
+  # Mesh axes over which `x` varies but the parameters do not (under `shard_map`): the parameters'
+  # cotangents must be summed over them, as autodiff's transpose would.
+  param_sum_axes = tuple(sorted(_vma(x) - frozenset().union(
+      *(_vma(p) for p in (params.scale, params.bias) if p is not None))))
+  config = _TrainConfig(reduce_axes, axis_name, axis_index_groups, stats_dtype, out_dtype,
+                        param_sum_axes)
+  train_fn = _train_custom_vjp if custom_vjp else _train
+  y, moments = train_fn(config, x, mask, scale, bias, lax.stop_gradient(running_mean),
+                        lax.stop_gradient(running_var), epsilon)
+  new_state, updated = update_running_stats(
+      state, squeeze(moments.mean), squeeze(moments.var), squeeze(moments.count), momentum,
+      unbiased_running_var)
 
   if return_stats:
     batch = BatchStats(mean=squeeze(moments.mean), var=squeeze(moments.var),
                        count=squeeze(moments.count), updated=updated)
     return y, new_state, batch
   return y, new_state
+
+
+def _normalize(x, mask, centre, delta, var, scale, bias, epsilon):
+  """``scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias``, masked values made safe.
+
+  ``delta`` may be None (evaluation). Non-finite values at masked positions are replaced by the
+  mean before any arithmetic, so they reach neither the output's valid part nor any gradient.
+  """
+  x_hat = _centre(x, mask, centre, delta) * lax.rsqrt(var + epsilon)
+  y = x_hat if scale is None else x_hat * scale
+  return y if bias is None else y + bias
+
+
+def _centre(x, mask, centre, delta):
+  if mask is not None:
+    fill = centre if delta is None else centre + delta
+    x = jnp.where(mask | jnp.isfinite(x), x, fill)
+  return x - centre if delta is None else (x - centre) - delta
+
+
+class _TrainConfig(NamedTuple):
+  """The static part of a training call (hashable, so it can be a `nondiff_argnums` argument)."""
+
+  reduce_axes: tuple[int, ...]
+  axis_name: Any
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+  stats_dtype: Any
+  out_dtype: Any
+  param_sum_axes: tuple[Any, ...]
+
+
+def _train_statistics(config, x, mask, running_mean, running_var):
+  """Global moments, and the centre, delta and variance to normalise with.
+
+  Channels without any valid value are normalised with the running statistics.
+  """
+  moments = stats.local_moments(x, mask, config.reduce_axes)
+  moments = distributed.combine_moments(moments, config.axis_name, config.axis_index_groups,
+                                        where=_WHERE)
+  has_data = moments.count > 0
+  centre = jnp.where(has_data, moments.pivot, running_mean)
+  delta = jnp.where(has_data, moments.delta, jnp.zeros((), x.dtype))
+  var = jnp.where(has_data, moments.var, running_var)
+  return moments, centre, delta, var
+
+
+def _train(config, x, mask, scale, bias, running_mean, running_var, epsilon):
+  """Training-mode batch norm, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
+  x = x.astype(config.stats_dtype)
+  moments, centre, delta, var = _train_statistics(config, x, mask, running_mean, running_var)
+  y = _normalize(x, mask, centre, delta, var, scale, bias, epsilon)
+  return y.astype(config.out_dtype), jax.tree.map(lax.stop_gradient, moments)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train_custom_vjp(config, x, mask, scale, bias, running_mean, running_var, epsilon):
+  """`_train` with the closed-form backward; the statistics it returns carry no gradient."""
+  return _train(config, x, mask, scale, bias, running_mean, running_var, epsilon)
+
+
+def _train_fwd(config, x, mask, scale, bias, running_mean, running_var, epsilon):
+  xs = x.astype(config.stats_dtype)
+  moments, centre, delta, var = _train_statistics(config, xs, mask, running_mean, running_var)
+  inv_std = lax.rsqrt(var + epsilon)
+  x_hat = _centre(xs, mask, centre, delta) * inv_std
+  y = x_hat if scale is None else x_hat * scale
+  y = y if bias is None else y + bias
+  # Only x (in its own dtype) and per-channel values are kept for the backward pass.
+  residuals = (x, mask, scale, bias, centre, delta, inv_std, moments.count)
+  return (y.astype(config.out_dtype), moments), residuals
+
+
+def _train_bwd(config, residuals, cotangents):
+  """dx = scale * inv_std * (dy - [valid] (sum(dy) + x_hat * sum(dy * x_hat)) / count).
+
+  The two per-channel sums are global (one collective over the named axis); the parameter
+  gradients are this device's own sums, as autodiff gives them.
+  """
+  x, mask, scale, bias, centre, delta, inv_std, count = residuals
+  dy = cotangents[0].astype(config.stats_dtype)
+  xs = x.astype(config.stats_dtype)
+  x_hat = _centre(xs, mask, centre, delta) * inv_std
+  axes = config.reduce_axes
+  sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
+  sum_dy_xhat = jnp.sum(dy * x_hat, axis=axes, keepdims=True)
+  global_sums = distributed.sum_over_devices(
+      jnp.stack([sum_dy, sum_dy_xhat]), config.axis_name, config.axis_index_groups)
+  d_scale = None if scale is None else _param_cotangent(sum_dy_xhat, global_sums[1], config)
+  d_bias = None if bias is None else _param_cotangent(sum_dy, global_sums[0], config)
+  factor = inv_std if scale is None else inv_std * scale
+  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1), jnp.zeros((), count.dtype))
+  correction = coefficient * (global_sums[0] + x_hat * global_sums[1])
+  if mask is None:
+    dx = factor * (dy - correction)
+  else:
+    direct = jnp.where(mask | jnp.isfinite(xs), dy, jnp.zeros((), dy.dtype))
+    dx = factor * (direct - jnp.where(mask, correction, jnp.zeros((), dy.dtype)))
+  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, None)
+
+
+def _param_cotangent(local_sum, global_sum, config):
+  """A parameter's cotangent: this device's sum, or under `shard_map` the sum over the mesh axes
+  the parameter is replicated on, as autodiff's transpose gives it.
+
+  When those axes are exactly the statistics' axis, that sum is the global sum the backward pass
+  computed already, so no collective is added.
+  """
+  extra = config.param_sum_axes
+  if not extra:
+    return local_sum
+  named = config.axis_name if isinstance(config.axis_name, tuple) else (config.axis_name,)
+  if config.axis_index_groups is None and set(extra) == set(named):
+    return global_sum
+  return lax.psum(local_sum, extra)
+
+
+def _vma(value) -> frozenset:
+  """The `shard_map` mesh axes `value` varies over (empty outside `shard_map` or without check)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # earlier releases
+
+
+_train_custom_vjp.defvjp(_train_fwd, _train_bwd)

@@ -17,18 +17,22 @@ def _float64_inputs(shape=(6, 3), loc=1.0, seed=0):
   return x, scale, bias
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_training_gradients_match_finite_differences_to_second_order(with_mask):
+@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom-vjp", "autodiff"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+def test_training_gradients_match_finite_differences_to_second_order(with_mask, custom_vjp):
   with jax.enable_x64(True):
     x, scale, bias = _float64_inputs()
     _, state = bnjax.init(3)
     mask = jnp.array([True, True, False, True, True, False])[:, None] if with_mask else None
 
     def f(x, scale, bias):
-      y, _ = bnjax.batch_norm(bnjax.BatchNormParams(scale, bias), state, x, True, mask=mask)
+      y, _ = bnjax.batch_norm(bnjax.BatchNormParams(scale, bias), state, x, True, mask=mask,
+                              custom_vjp=custom_vjp)
       return jnp.sin(y)  # a non-linear head so second derivatives are non-trivial.
 
-    jtu.check_grads(f, (x, scale, bias), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    # A custom VJP has no forward mode; reverse-over-reverse checks its backward's derivative.
+    modes = ["rev"] if custom_vjp else ["fwd", "rev"]
+    jtu.check_grads(f, (x, scale, bias), order=2, modes=modes, atol=1e-6, rtol=1e-6)
 
 
 def test_eval_gradients_match_finite_differences_to_second_order():
@@ -43,14 +47,15 @@ def test_eval_gradients_match_finite_differences_to_second_order():
     jtu.check_grads(f, (x, scale, bias), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
 
-def test_input_gradient_equals_closed_form():
+@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom-vjp", "autodiff"])
+def test_input_gradient_equals_closed_form(custom_vjp):
   # dx = scale / sqrt(var + eps) * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
   with jax.enable_x64(True):
     x, scale, bias = _float64_inputs((16, 4), seed=2)
     dy = jnp.asarray(np.random.default_rng(3).normal(size=(16, 4)))
     _, state = bnjax.init(4)
     y, vjp = jax.vjp(lambda x: bnjax.batch_norm(bnjax.BatchNormParams(scale, bias), state, x,
-                                                True)[0], x)
+                                                True, custom_vjp=custom_vjp)[0], x)
     (dx,) = vjp(dy)
     xn = np.asarray(x)
     mean, var = xn.mean(0), xn.var(0)
@@ -93,3 +98,51 @@ def test_gradients_jit_equal_eager():
   eager = jax.grad(loss, argnums=(0, 1))(params, x)
   jitted = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), eager, jitted)
+
+
+GRAD_CASES = [
+    pytest.param((16, 4), -1, None, "float32", id="NC"),
+    pytest.param((4, 5, 5, 3), -1, (4, 5, 5, 1), "float32", id="NHWC-position-mask"),
+    pytest.param((4, 3, 5, 5), (1,), (4, 1, 1, 1), "float32", id="NCHW-row-mask"),
+    pytest.param((6, 4, 3), (0, 2), None, "float32", id="tuple-axes"),
+    pytest.param((16, 4), -1, None, "bfloat16", id="bf16"),
+]
+
+
+@pytest.mark.parametrize("shape, axis, mask_shape, dtype", GRAD_CASES)
+def test_custom_vjp_equals_autodiff(shape, axis, mask_shape, dtype):
+  x = (2.0 + 3.0 * jax.random.normal(jax.random.key(4), shape)).astype(dtype)
+  feat = tuple(shape[a] for a in sorted(a % len(shape) for a in
+                                        ((axis,) if isinstance(axis, int) else axis)))
+  params = bnjax.BatchNormParams(1.0 + 0.1 * jax.random.normal(jax.random.key(5), feat),
+                                 0.1 * jax.random.normal(jax.random.key(6), feat))
+  _, state = bnjax.init(feat)
+  mask = None
+  if mask_shape is not None:
+    mask = jax.random.bernoulli(jax.random.key(7), 0.7, mask_shape).at[(0,) * len(shape)].set(True)
+    x = jnp.where(mask, x, jnp.asarray(jnp.nan, x.dtype))  # NaN padding must not matter.
+  head = jax.random.normal(jax.random.key(8), shape)
+
+  def loss(params, x, custom_vjp):
+    y, _ = bnjax.batch_norm(params, state, x, True, axis=axis, mask=mask, custom_vjp=custom_vjp)
+    y = y.astype(jnp.float32)
+    if mask is not None:
+      y = jnp.where(mask, y, 0.0)
+    return jnp.sum(jnp.tanh(y) * head)
+
+  grads = {c: jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, c)
+           for c in (True, False)}
+  tol = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=2e-2, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    assert np.isfinite(np.asarray(a, np.float32)).all()
+
+
+def test_forward_mode_works_with_autodiff_path():
+  x = jax.random.normal(jax.random.key(9), (8, 3))
+  params, state = bnjax.init(3)
+  f = lambda x: bnjax.batch_norm(params, state, x, True, custom_vjp=False)[0]
+  _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+  # A constant shift of every value is removed by the mean subtraction.
+  np.testing.assert_allclose(tangent, np.zeros((8, 3)), atol=1e-5)
