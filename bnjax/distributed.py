@@ -25,6 +25,28 @@ def axis_size(axis_name: Any) -> int:
   return lax.axis_size(axis_name)
 
 
+def _typed_manual(value: jax.Array, axis_name: Any) -> bool:
+  """Whether every named axis is a manual mesh axis whose variance JAX tracks for `value`.
+
+  That is `shard_map` with `check_vma=True` (and `pmap`): there an invariant gather is exact under
+  autodiff, because JAX sums cotangents of per-device losses itself. Under `vmap`, or `shard_map`
+  with `check_vma=False`, the plain gather (which transposes to a reduce-scatter) is the exact one.
+  """
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  typed = varying_axes(value)
+  return all(name in manual and name in typed for name in names)
+
+
+def varying_axes(value: Any) -> frozenset:
+  """The mesh axes over which JAX's type system says `value` varies (empty outside `shard_map`)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # earlier releases
+
+
 def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = None,
                     *, where: str = "bnjax.batch_norm") -> Moments:
   """Merges per-device moments over `axis_name` (within each group) into global moments.
@@ -42,7 +64,10 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
   if axis_name is None:
     return moments
   stacked = jnp.stack([moments.count, moments.pivot, moments.delta, moments.m2])
-  gathered = lax.all_gather(stacked, axis_name)  # [devices, 4, ...]
+  # Without groups every device computes the same statistics: gather them as invariant values so
+  # that, under `shard_map`, the new running statistics can leave with `out_specs=P()`.
+  to = "invarying" if axis_index_groups is None and _typed_manual(stacked, axis_name) else "varying"
+  gathered = lax.all_gather(stacked, axis_name, to=to)  # [devices, 4, ...]
   count, pivot, delta, m2 = (gathered[:, i] for i in range(4))
   if axis_index_groups is not None:
     membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), where)

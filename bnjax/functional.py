@@ -216,8 +216,8 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   _checks.check_values_per_channel(_checks.static_count(x.shape, reduce_axes), devices, _WHERE)
   # Mesh axes over which `x` varies but the parameters do not (under `shard_map`): the parameters'
   # cotangents must be summed over them, as autodiff's transpose would.
-  param_sum_axes = tuple(sorted(_vma(x) - frozenset().union(
-      *(_vma(p) for p in (params.scale, params.bias) if p is not None))))
+  param_sum_axes = tuple(sorted(distributed.varying_axes(x) - frozenset().union(
+      *(distributed.varying_axes(p) for p in (params.scale, params.bias) if p is not None))))
   config = _TrainConfig(reduce_axes, axis_name, axis_index_groups, stats_dtype, out_dtype,
                         param_sum_axes)
   train_fn = _train_custom_vjp if custom_vjp else _train
@@ -346,15 +346,6 @@ def _param_cotangent(local_sum, global_sum, config):
   if config.axis_index_groups is None and set(extra) == set(named):
     return global_sum
   return lax.psum(local_sum, extra)
-
-
-def _vma(value) -> frozenset:
-  """The `shard_map` mesh axes `value` varies over (empty outside `shard_map` or without check)."""
-  aval = jax.typeof(value)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # earlier releases
 
 
 _train_custom_vjp.defvjp(_train_fwd, _train_bwd)

@@ -483,13 +483,15 @@ def _single_device_grads(params, state, x, weight):
   return jax.grad(loss, argnums=(0, 1))(params, x)
 
 
-def test_shard_map_gradient_of_global_loss_matches_single_device():
+@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom-vjp", "autodiff"])
+def test_shard_map_gradient_of_global_loss_matches_single_device(custom_vjp):
   mesh = _mesh(8)
   x = _global_batch(70, 8, loc=2.0, std=3.0)
   weight = _global_batch(71, 8)
   params, state = _params_and_state()
   sharded_bn = jax.shard_map(
-      lambda p, s, x: bnjax.batch_norm(p, s, x, True, axis_name=AXIS)[0], mesh=mesh,
+      lambda p, s, x: bnjax.batch_norm(p, s, x, True, axis_name=AXIS, custom_vjp=custom_vjp)[0],
+      mesh=mesh,
       in_specs=(P(), P(), P(AXIS)), out_specs=P(AXIS))
   loss = lambda params, x: jnp.sum(sharded_bn(params, state, x) * weight)
   g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, _shard(x, mesh))
@@ -499,7 +501,8 @@ def test_shard_map_gradient_of_global_loss_matches_single_device():
   np.testing.assert_allclose(g_params.bias, r_params.bias, **F32)
 
 
-def test_shard_map_per_device_gradients_psum_to_single_device():
+@pytest.mark.parametrize("custom_vjp", [True, False], ids=["custom-vjp", "autodiff"])
+def test_shard_map_per_device_gradients_psum_to_single_device(custom_vjp):
   # Data-parallel style: each device differentiates its own loss; the x gradient flows back
   # through the collective, and summing the parameter gradients over devices gives the global one.
   mesh = _mesh(8)
@@ -509,7 +512,7 @@ def test_shard_map_per_device_gradients_psum_to_single_device():
 
   def per_device(params, state, x, weight):
     def local_loss(params, x):
-      y, _ = bnjax.batch_norm(params, state, x, True, axis_name=AXIS)
+      y, _ = bnjax.batch_norm(params, state, x, True, axis_name=AXIS, custom_vjp=custom_vjp)
       return jnp.sum(y * weight)
     g_params, g_x = jax.grad(local_loss, argnums=(0, 1))(params, x)
     return _per_device(lax.psum(g_params, AXIS)), g_x
