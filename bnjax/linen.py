@@ -25,7 +25,9 @@ class BatchNorm(nn.Module):
   runs unchanged; bnjax always computes exact statistics in at least float32.
 
   As in Flax, ``init`` does not update the running statistics and uses no collective, so the named
-  axis need not exist while initialising.
+  axis need not exist while initialising. A channel whose batch statistics are not finite keeps its
+  running statistics; with ``mutable=['batch_stats', 'intermediates']`` the per-channel flags are
+  returned as ``intermediates/.../batch_stats_updated``.
 
   Attributes:
     use_running_average: if True, normalise with the running statistics (evaluation).
@@ -106,12 +108,17 @@ class BatchNorm(nn.Module):
       # meaningless and are not stored during init, so normalise with the initial state instead.
       reduce_axes = tuple(a for a in range(jnp.ndim(x)) if a not in feature_axes)
       train = _checks.static_count(jnp.shape(x), reduce_axes) > 1
-    y, new_state = batch_norm(
+    outputs = batch_norm(
         BatchNormParams(scale, bias), BatchNormState(ra_mean.value, ra_var.value), x, train,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
-        mask=mask, unbiased_running_var=self.unbiased_running_var, dtype=dtype)
+        mask=mask, unbiased_running_var=self.unbiased_running_var, dtype=dtype,
+        return_stats=train)
     if train and not initializing:
-      ra_mean.value, ra_var.value = new_state
-    return y
+      y, (ra_mean.value, ra_var.value), batch_stats = outputs
+      # Which channels took this batch's statistics (False: non-finite or no valid value).
+      # Visible with `mutable=['batch_stats', 'intermediates']`; free otherwise.
+      self.sow("intermediates", "batch_stats_updated", batch_stats.updated)
+      return y
+    return outputs[0]

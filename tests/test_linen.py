@@ -226,3 +226,14 @@ def test_serialization_roundtrip_keeps_tree():
   variables = model.init(jax.random.key(0), _x(14))
   restored = flax.serialization.from_bytes(variables, flax.serialization.to_bytes(variables))
   _assert_trees_close(restored, variables, atol=0, rtol=0)
+
+
+def test_non_finite_batch_keeps_batch_stats_and_is_reported():
+  model = bnjax.BatchNorm(use_running_average=False)
+  variables = model.init(jax.random.key(0), _x(15))
+  x = _x(16).at[3, 2].set(jnp.nan)
+  _, updates = model.apply(variables, x, mutable=["batch_stats", "intermediates"])
+  np.testing.assert_array_equal(updates["batch_stats"]["var"][2], 1.0)
+  np.testing.assert_array_equal(updates["batch_stats"]["mean"][2], 0.0)
+  (flags,) = updates["intermediates"]["batch_stats_updated"]
+  np.testing.assert_array_equal(flags, [True, True, False, True, True])
