@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests bnjax README.md
+	$(PY) -m pytest -n 2 --dist loadfile tests bnjax README.md
 
 demo: $(STAMP)
 	$(PY) -m examples.main --config=configs/default.py --workdir=workdir/default
