@@ -1,15 +1,18 @@
 """Batch moments: the one place bnjax computes statistics.
 
-Moments are kept in a shifted form, ``mean = pivot + delta``, where ``pivot`` is one valid value of
-the channel taken from the data (under `stop_gradient`). Then
+Moments are kept in a shifted form, ``mean = pivot + delta``, where ``pivot`` comes from the data
+itself (under `stop_gradient`): the mean of the first 1, 2, 4 or 8 values of each channel, or with a
+mask its first valid value. Then
 
 * ``x - pivot`` is exact in floating point for data far from zero (a mean offset of 1e6 standard
   deviations in float32 loses nothing), and ``(x - pivot) - delta`` centres the data without ever
   rounding the mean to the input's precision;
 * a constant channel gives ``x - pivot == 0`` exactly, so its variance is exactly 0 and its output
   exactly ``bias``;
-* ``delta`` and the centred second moment ``m2`` are computed in two passes over the shifted data,
-  so no large sums cancel (unlike the fast ``E[x^2] - E[x]^2``).
+* one pass sums ``d = x - pivot`` and ``d * d``; as the pivot is close to the mean, the centred sum
+  of squares ``sum(d * d) - sum(d)**2 / n`` loses almost nothing (unlike the fast
+  ``E[x^2] - E[x]^2``, which cancels the whole offset). Where the pivot happens to sit far from the
+  mean, an exact second pass ``sum((d - delta) ** 2)`` runs instead.
 
 Masked-out values are replaced before any arithmetic, so NaN or Inf there reach neither the
 statistics nor any gradient.
@@ -66,8 +69,41 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, .
   return x[tuple(index)]
 
 
+def _leading_mean(x: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
+  """The mean of the first 1, 2, 4 or 8 values along the first reduced axis, by pairwise sums.
+
+  Pairwise sums of equal values and the final power-of-two scaling are exact, so for a constant
+  channel this is exactly the constant; for other data it is a pivot a few times closer to the
+  mean (in standard deviations) than a single value.
+  """
+  axis = reduce_axes[0]
+  k = 1
+  while k * 2 <= min(8, x.shape[axis]):
+    k *= 2
+  start = [0] * x.ndim
+  limit = [1 if a in reduce_axes else x.shape[a] for a in range(x.ndim)]
+  limit[axis] = k
+  values = lax.slice(x, start, limit)
+  while values.shape[axis] > 1:
+    half = values.shape[axis] // 2
+    values = (lax.slice_in_dim(values, 0, half, axis=axis)
+              + lax.slice_in_dim(values, half, 2 * half, axis=axis))
+  return values * jnp.asarray(1.0 / k, x.dtype)
+
+
+# The one-pass shifted variance m2 = sum(d^2) - sum(d)^2 / n loses about log2(sum(d^2) / m2) bits;
+# past this ratio (the pivot more than ~4 standard deviations from the mean) the exact second pass
+# runs instead.
+_MAX_CANCELLATION = 16.0
+
+
 def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...]) -> Moments:
   """Moments of `x` over `reduce_axes`, counting only positions where `mask` is True.
+
+  One pass computes the shifted sums ``sum(d)`` and ``sum(d * d)`` of ``d = x - pivot`` together.
+  When the pivot is far from the mean in any channel, so that ``sum(d * d)`` exceeds the centred
+  sum of squares more than `_MAX_CANCELLATION` times, a second pass computes the exact two-pass
+  ``sum((d - delta) ** 2)`` instead (`lax.cond`: on a CPU or GPU only the taken branch runs).
 
   Args:
     x: array in the statistics dtype (at least float32).
@@ -77,8 +113,13 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
   Returns:
     `Moments` with every field of `x`'s rank, size 1 along `reduce_axes`.
   """
-  pivot = lax.stop_gradient(_first_valid(x, mask, reduce_axes))
+  if mask is None:
+    pivot = _leading_mean(x, reduce_axes)
+  else:
+    pivot = _first_valid(x, mask, reduce_axes)
+  pivot = lax.stop_gradient(pivot)
   pivot = jnp.where(jnp.isfinite(pivot), pivot, jnp.zeros_like(pivot))
+  zero = jnp.zeros((), x.dtype)
   if mask is None:
     count = np.prod([x.shape[a] for a in reduce_axes])
     count = jnp.full(pivot.shape, count, x.dtype)
@@ -87,10 +128,18 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
     repeats = int(np.prod([x.shape[a] for a in reduce_axes if mask.shape[a] == 1]))
     count = jnp.sum(mask, axis=reduce_axes, keepdims=True, dtype=x.dtype) * repeats
     count = jnp.broadcast_to(count, pivot.shape)
-    shifted = jnp.where(mask, x - pivot, jnp.zeros((), x.dtype))
-  delta = jnp.sum(shifted, axis=reduce_axes, keepdims=True) / jnp.maximum(count, 1)
-  centred = shifted - delta
-  if mask is not None:
-    centred = jnp.where(mask, centred, jnp.zeros((), x.dtype))
-  m2 = jnp.sum(centred * centred, axis=reduce_axes, keepdims=True)
+    shifted = jnp.where(mask, x - pivot, zero)
+  sum_d = jnp.sum(shifted, axis=reduce_axes, keepdims=True)
+  sum_dd = jnp.sum(shifted * shifted, axis=reduce_axes, keepdims=True)
+  delta = sum_d / jnp.maximum(count, 1)
+  m2_one_pass = jnp.maximum(sum_dd - sum_d * delta, zero)
+
+  def two_pass(_):
+    centred = (x - pivot) - delta  # From x again, so that `shifted` is never written out.
+    if mask is not None:
+      centred = jnp.where(mask, centred, zero)
+    return jnp.sum(centred * centred, axis=reduce_axes, keepdims=True)
+
+  cancelled = jnp.any(sum_dd > _MAX_CANCELLATION * m2_one_pass)
+  m2 = lax.cond(cancelled, two_pass, lambda _: m2_one_pass, None)
   return Moments(count, pivot, delta, m2)

@@ -367,3 +367,16 @@ def test_checkpoint_gives_same_values_and_gradients():
   plain = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
   remat = jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), plain, remat)
+
+
+@pytest.mark.parametrize("outlier", [30.0, 1e3, 1e5])
+def test_outlying_leading_rows_still_give_exact_variance(outlier):
+  # The pivot comes from the first rows; when they sit far from the mean the one-pass sums would
+  # cancel, and the exact second pass must take over.
+  x = _normal(27, (65536, 2), loc=1e4, scale=1.0).at[:8].add(outlier)
+  params, state = bnjax.init(2)
+  _, _, stats = batch_norm(params, state, x, True, return_stats=True)
+  mean, var, _ = reference.moments(x)
+  np.testing.assert_allclose(stats.var, var, rtol=1e-5)
+  # The mean within 1e-5 standard deviations, or float32 rounding of the mean itself.
+  np.testing.assert_allclose(stats.mean, mean, rtol=2.4e-7, atol=1e-5 * np.sqrt(var).min())
