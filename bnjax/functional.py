@@ -122,8 +122,8 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   decay convention; PyTorch's ``momentum=p`` is ``momentum=1 - p``, see `from_torch_momentum`).
   In evaluation (``train=False``), the running statistics are used and ``state`` is returned as is.
 
-  Statistics are computed in at least float32 (float64 input stays float64) with a shifted two-pass
-  algorithm, exact for data far from zero; the output has the input's dtype (or ``dtype``); the
+  Statistics are computed in at least float32 (float64 input stays float64) from sums shifted by a
+  pivot taken from the data (see `bnjax.stats`), exact for data far from zero; the output has the input's dtype (or ``dtype``); the
   running statistics keep their float32 dtype.
 
   Warning:

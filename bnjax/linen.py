@@ -19,7 +19,7 @@ class BatchNorm(nn.Module):
 
   It declares ``params`` (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``) exactly as
   Flax does, calls `bnjax.batch_norm` and writes the new running statistics back. Compared with
-  Flax, the statistics are exact (shifted two-pass, count-weighted across devices, NaN-safe masks,
+  Flax, the statistics are exact (shifted by a data pivot, count-weighted across devices, NaN-safe masks,
   running statistics that a bad batch cannot poison), and training with one value per channel
   raises. ``use_fast_variance`` and ``force_float32_reductions`` are accepted so existing code
   runs unchanged; bnjax always computes exact statistics in at least float32.
