@@ -300,7 +300,9 @@ def _train_fwd(config, x, mask, scale, bias, running_mean, running_var, epsilon)
   y = x_hat if scale is None else x_hat * scale
   y = y if bias is None else y + bias
   # Only x (in its own dtype) and per-channel values are kept for the backward pass.
-  residuals = (x, mask, scale, bias, centre, delta, inv_std, moments.count)
+  mean = centre + delta
+  raw_sums_ok = jnp.all(mean * mean * (inv_std * inv_std) <= stats.MAX_CANCELLATION - 1)
+  residuals = (x, mask, scale, bias, centre, delta, inv_std, moments.count, raw_sums_ok)
   return (y.astype(config.out_dtype), moments), residuals
 
 
@@ -310,13 +312,28 @@ def _train_bwd(config, residuals, cotangents):
   The two per-channel sums are global (one collective over the named axis); the parameter
   gradients are this device's own sums, as autodiff gives them.
   """
-  x, mask, scale, bias, centre, delta, inv_std, count = residuals
+  x, mask, scale, bias, centre, delta, inv_std, count, raw_sums_ok = residuals
   dy = cotangents[0].astype(config.stats_dtype)
   xs = x.astype(config.stats_dtype)
-  x_hat = _centre(xs, mask, centre, delta) * inv_std
   axes = config.reduce_axes
-  sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
-  sum_dy_xhat = jnp.sum(dy * x_hat, axis=axes, keepdims=True)
+
+  def centred_sums(_):
+    x_hat = _centre(xs, mask, centre, delta) * inv_std
+    return jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)
+
+  def raw_sums(_):
+    # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
+    # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean is
+    # within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
+    sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
+    sum_dy_x = jnp.sum(dy * xs, axis=axes, keepdims=True)
+    return sum_dy, inv_std * (sum_dy_x - (centre + delta) * sum_dy)
+
+  if mask is None:
+    sum_dy, sum_dy_xhat = lax.cond(raw_sums_ok, raw_sums, centred_sums, None)
+  else:
+    sum_dy, sum_dy_xhat = centred_sums(None)
+  x_hat = _centre(xs, mask, centre, delta) * inv_std
   global_sums = distributed.sum_over_devices(
       jnp.stack([sum_dy, sum_dy_xhat]), config.axis_name, config.axis_index_groups)
   d_scale = None if scale is None else _param_cotangent(sum_dy_xhat, global_sums[1], config)

@@ -313,8 +313,9 @@ def test_non_finite_batch_does_not_poison_running_statistics(bad):
   np.testing.assert_array_equal(stats.updated, np.array([True, False, True]))
   np.testing.assert_array_equal(new_state.mean[1], state.mean[1])
   np.testing.assert_array_equal(new_state.var[1], state.var[1])
-  np.testing.assert_array_equal(new_state.mean[::2], clean_state.mean[::2])
-  np.testing.assert_array_equal(new_state.var[::2], clean_state.var[::2])
+  # The other channels update as usual (a NaN batch may take the data-pivot path: float32 rounding).
+  np.testing.assert_allclose(new_state.mean[::2], clean_state.mean[::2], **F32)
+  np.testing.assert_allclose(new_state.var[::2], clean_state.var[::2], **F32)
 
 
 def test_overflowing_variance_keeps_old_statistics():
