@@ -295,10 +295,8 @@ def _train_custom_vjp(config, x, mask, scale, bias, running_mean, running_var, e
 def _train_fwd(config, x, mask, scale, bias, running_mean, running_var, epsilon):
   xs = x.astype(config.stats_dtype)
   moments, centre, delta, var = _train_statistics(config, xs, mask, running_mean, running_var)
+  y = _normalize(xs, mask, centre, delta, var, scale, bias, epsilon)
   inv_std = lax.rsqrt(var + epsilon)
-  x_hat = _centre(xs, mask, centre, delta) * inv_std
-  y = x_hat if scale is None else x_hat * scale
-  y = y if bias is None else y + bias
   # Only x (in its own dtype) and per-channel values are kept for the backward pass.
   mean = centre + delta
   raw_sums_ok = jnp.all(mean * mean * (inv_std * inv_std) <= stats.MAX_CANCELLATION - 1)
