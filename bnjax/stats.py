@@ -69,6 +69,29 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, .
   return x[tuple(index)]
 
 
+def _sharded_along(x: jax.Array, axes: tuple[int, ...]) -> bool:
+  """Whether `x`'s type says it is explicitly sharded along any of `axes` (explicit mesh axes)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(a < len(spec) and spec[a] is not None for a in axes)
+
+
+def _first_valid_by_reduction(x: jax.Array, mask: jax.Array | None,
+                              reduce_axes: tuple[int, ...]) -> jax.Array:
+  """`_first_valid` for inputs explicitly sharded along a reduced axis, where slicing and gathers
+  of a few rows are not allowed: the value is selected by a sum of one value and zeros (exact)."""
+  linear = jnp.zeros((1,) * x.ndim, jnp.int32)
+  for a in reduce_axes:
+    iota = lax.broadcasted_iota(jnp.int32, tuple(x.shape[a] if b == a else 1
+                                                 for b in range(x.ndim)), a)
+    linear = linear * x.shape[a] + iota
+  if mask is None:
+    chosen = linear == 0
+  else:
+    candidates = jnp.where(mask, linear, jnp.iinfo(jnp.int32).max)
+    chosen = linear == jnp.min(candidates, axis=reduce_axes, keepdims=True)
+  return jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=reduce_axes, keepdims=True)
+
+
 def _leading_mean(x: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
   """The mean of the first 1, 2, 4 or 8 values along the first reduced axis, by pairwise sums.
 
@@ -149,7 +172,9 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
     count = jnp.broadcast_to(count, keep_shape)
 
   def data_pivot(_):
-    if mask is None:
+    if _sharded_along(x, reduce_axes):
+      pivot = _first_valid_by_reduction(x, mask, reduce_axes)
+    elif mask is None:
       pivot = _leading_mean(x, reduce_axes)
     else:
       pivot = _first_valid(x, mask, reduce_axes)
