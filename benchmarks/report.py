@@ -1,0 +1,389 @@
+"""Turns the JSON of `bench.py`'s workers into benchmarks/RESULTS.md and its chart."""
+
+import math
+import os
+
+from benchmarks.bench import (BNJAX, DESCRIPTIONS, FLAX, FLAX_EXACT, FLOOR, IMPLEMENTATIONS, MODES,
+                              SHAPES, TORCH_CL)
+
+MIB = 2.0**20
+PEER_MODULES = {"haiku": "Haiku", "equinox": "Equinox", "torch": "PyTorch"}
+
+
+def _shape(shape):
+  return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def _cell(entry, keys=("vs_flax", "vs_floor")):
+  if not entry or "median_ms" not in entry:
+    return "—" if not entry or "error" not in entry else "error"
+  ratios = ", ".join(f"{entry[k]:.2f}×" for k in keys if k in entry)
+  return f"{entry['median_ms']:.2f} ({ratios})" if ratios else f"{entry['median_ms']:.2f}"
+
+
+def _find(run, shape, dtype, mode):
+  for case in run["micro"]:
+    if tuple(case["shape"]) == tuple(shape) and case["dtype"] == dtype and case["mode"] == mode:
+      return case
+  return None
+
+
+def _ratio(run, shape, mode, impl, key, dtype="float32"):
+  case = _find(run, shape, dtype, mode)
+  if case is None:
+    return None
+  return case["impls"].get(impl, {}).get(key)
+
+
+def _fmt(values, limit=None, lower_is_better=True):
+  present = [v for v in values if v is not None]
+  if not present:
+    return "not measured", ""
+  text = " / ".join(f"{v:.2f}" for v in present)
+  if limit is None:
+    return text, ""
+  worst = max(present) if lower_is_better else min(present)
+  return text, ("yes" if round(worst, 2) <= limit else "**no**")
+
+
+def _targets(runs):
+  """Rows of (target, allocator, measured, met) from the issue's list."""
+  rows = []
+  big = [s for s in SHAPES[:3]]
+  for run in runs:
+    allocator = run["allocator"]
+    shapes = [s for s in big if _find(run, s, "float32", MODES[1])]
+    label = ", ".join(_shape(s) for s in shapes) or "none measured"
+
+    def add(target, values, limit):
+      text, met = _fmt(values, limit)
+      rows.append((target, allocator, text, met))
+
+    add(f"fwd+bwd ≤ 0.75× Flax default (float32; {label})",
+        [_ratio(run, s, MODES[1], BNJAX, "vs_flax") for s in shapes], 0.75)
+    add("fwd+bwd ≤ 1.3× bandwidth floor", [_ratio(run, s, MODES[1], BNJAX, "vs_floor")
+                                          for s in shapes], 1.3)
+    add("stretch: fwd+bwd ≤ 1.0× torch channels_last",
+        [_ratio(run, s, MODES[1], BNJAX, "vs_torch_cl") for s in shapes], 1.0)
+    add("forward ≤ 1.05× Flax default (shapes 1–2)",
+        [_ratio(run, s, MODES[0], BNJAX, "vs_flax") for s in shapes[:2]], 1.05)
+    add("shape 4 (64,8,8,32) fwd+bwd ≤ 0.7× Flax default",
+        [_ratio(run, SHAPES[3], MODES[1], BNJAX, "vs_flax")], 0.7)
+    devices = {d["devices"]: d for d in run.get("devices", []) if "impls" in d}
+    if 1 in devices and 2 in devices:
+      name = "bnjax layer fwd+bwd"
+      one = devices[1]["impls"].get(name, {}).get("median_ms")
+      two = devices[2]["impls"].get(name, {}).get("median_ms")
+      add("sharded over 2 simulated devices ≤ 1.15× one device (bnjax layer fwd+bwd)",
+          [two / one if one and two else None], 1.15)
+  memory = runs[0].get("stack_memory", [])
+  if memory:
+    stack = memory[0]
+    bn, flax = stack["impls"].get(BNJAX), stack["impls"].get(FLAX)
+    if bn and flax:
+      text, met = _fmt([bn["temp"] / flax["temp"]], 0.75)
+      rows.append((f"6-layer stack temp memory ≤ 0.75× Flax ({_shape(stack['shape'])})", "—", text,
+                   met))
+      per_layer = bn["temp"] / stack["full_size_bytes"] / stack["layers"]
+      text, met = _fmt([per_layer], 1.0)
+      rows.append(("one saved full-size array per layer (stack temp ÷ layers, in arrays)", "—",
+                   text, met))
+  return rows
+
+
+def _micro_tables(run, lines):
+  for mode in reversed(MODES):
+    for dtype in ("float32", "bfloat16"):
+      cases = [c for c in run["micro"] if c["mode"] == mode and c["dtype"] == dtype]
+      if not cases:
+        continue
+      lines.append(f"#### {mode}, {dtype}: median ms (× Flax default, × floor)")
+      lines.append("")
+      lines.append("| implementation | " + " | ".join(_shape(c["shape"]) for c in cases) + " |")
+      lines.append("|---|" + "---|" * len(cases))
+      for impl in IMPLEMENTATIONS:
+        if not any(impl in c["impls"] for c in cases):
+          continue
+        name = f"**{impl}**" if impl == BNJAX else impl
+        lines.append(f"| {name} | " + " | ".join(_cell(c["impls"].get(impl)) for c in cases)
+                     + " |")
+      rounds = sorted({c["rounds"] for c in cases})
+      lines.append("")
+      lines.append(f"Rounds per case: {', '.join(map(str, rounds))}.")
+      lines.append("")
+
+
+def _allocator_table(runs, lines):
+  """glibc ÷ tcmalloc time for the same program (separate processes, so not interleaved)."""
+  by_name = {r["allocator"]: r for r in runs}
+  if not {"glibc", "tcmalloc"} <= set(by_name):
+    return
+  glibc, tcmalloc = by_name["glibc"], by_name["tcmalloc"]
+  cases = [c for c in glibc["micro"] if c["dtype"] == "float32" and c["mode"] == MODES[1]]
+  lines += ["### Allocator effect", "",
+            "Forward+backward float32, median ms under glibc ÷ under tcmalloc (the two runs are "
+            "separate processes, minutes apart). Above 1: glibc's fresh, page-faulting "
+            "allocations of large outputs cost that much.", "",
+            "| implementation | " + " | ".join(_shape(c["shape"]) for c in cases) + " |",
+            "|---|" + "---|" * len(cases)]
+  for impl in (BNJAX, FLAX, TORCH_CL, FLOOR):
+    cells = []
+    for case in cases:
+      other = _find(tcmalloc, case["shape"], "float32", MODES[1])
+      a = case["impls"].get(impl, {}).get("median_ms")
+      b = (other or {"impls": {}})["impls"].get(impl, {}).get("median_ms")
+      cells.append(f"{a / b:.2f}" if a and b else "—")
+    lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+  lines.append("")
+
+
+def _passes_table(run, lines):
+  cases = [c for c in run["micro"] if c["dtype"] == "float32"]
+  shapes = []
+  for c in cases:
+    if tuple(c["shape"]) not in shapes:
+      shapes.append(tuple(c["shape"]))
+  lines.append("| implementation | " + " | ".join(_shape(s) for s in shapes) + " |")
+  lines.append("|---|" + "---|" * len(shapes))
+  for impl in IMPLEMENTATIONS:
+    cells = []
+    for shape in shapes:
+      parts = []
+      for mode in MODES:
+        entry = (_find(run, shape, "float32", mode) or {"impls": {}})["impls"].get(impl, {})
+        if "passes" in entry:
+          temp = entry["memory"]["temp"] / MIB
+          worst = entry.get("worst")
+          fast = [entry["passes"], entry["reads"], entry["writes"]]
+          branch = (f"; dearest branch {worst[0]} ({worst[1]}R {worst[2]}W)"
+                    if worst and worst != fast else "")
+          parts.append(f"{entry['passes']} ({entry['reads']}R {entry['writes']}W{branch}, "
+                       f"{temp:.1f} MiB)")
+      cells.append(" / ".join(parts) if parts else "—")
+    if any(c != "—" for c in cells):
+      lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+  lines.append("")
+
+
+def _stack_table(runs, lines):
+  for stack in runs[0].get("stack_memory", []):
+    full = stack["full_size_bytes"]
+    lines.append(f"{stack['layers']}-layer stack of (batch norm, relu), forward+backward, "
+                 f"float32 {_shape(stack['shape'])}; one activation is {full / MIB:.1f} MiB.")
+    lines.append("")
+    lines.append("| implementation | temp MiB | temp ÷ (layers × activation) | × Flax default |")
+    lines.append("|---|---|---|---|")
+    flax = stack["impls"].get(FLAX, {}).get("temp")
+    for name, mem in stack["impls"].items():
+      ratio = f"{mem['temp'] / flax:.2f}" if flax else "—"
+      lines.append(f"| {name} | {mem['temp'] / MIB:.1f} | "
+                   f"{mem['temp'] / full / stack['layers']:.2f} | {ratio} |")
+    lines.append("")
+
+
+def _resnet_table(runs, lines):
+  lines.append("| allocator | normalisation | median ms | × Flax BatchNorm | × no normalisation |")
+  lines.append("|---|---|---|---|---|")
+  for run in runs:
+    resnet = run.get("resnet")
+    if not resnet:
+      continue
+    for name, entry in resnet["impls"].items():
+      if "median_ms" not in entry:
+        lines.append(f"| {run['allocator']} | {name} | error (see Errors) | — | — |")
+        continue
+      lines.append(f"| {run['allocator']} | {name} | {entry['median_ms']:.1f} | "
+                   f"{entry.get('vs_flax', float('nan')):.2f} | "
+                   f"{entry.get('vs_none', float('nan')):.2f} |")
+  if runs and runs[0].get("resnet"):
+    r = runs[0]["resnet"]
+    lines.append("")
+    lines.append(f"Batch {r['batch']} of {r['image']}×{r['image']}×3 images, a 32-channel 3×3 "
+                 f"conv-norm-relu stem and {r['blocks']} residual blocks of two (so "
+                 f"{1 + 2 * r['blocks']} conv + norm layers), mean pool, dense 10, softmax "
+                 f"cross-entropy, SGD; {r['rounds']} rounds.")
+  lines.append("")
+
+
+def _devices_table(runs, lines):
+  for run in runs:
+    entries = [d for d in run.get("devices", []) if "impls" in d]
+    if not entries:
+      for d in run.get("devices", []):
+        lines.append(f"- {run['allocator']}, {d.get('devices')} devices: {d.get('error')}")
+      continue
+    names = list(entries[0]["impls"])
+    for d in entries[1:]:
+      names += [n for n in d["impls"] if n not in names]
+    base = {n: next((d["impls"][n].get("median_ms") for d in entries if d["devices"] == 1
+                     and n in d["impls"]), None) for n in names}
+    lines.append(f"**{run['allocator']}**: median ms (× the same program on 1 device); "
+                 "collectives in the compiled program")
+    lines.append("")
+    lines.append("| program | " + " | ".join(f"{d['devices']} device(s)" for d in entries) + " |")
+    lines.append("|---|" + "---|" * len(entries))
+    for n in names:
+      cells = []
+      for d in entries:
+        e = d["impls"].get(n)
+        if not e or "median_ms" not in e:
+          cells.append("error (see Errors)" if e else "—")
+          continue
+        ratio = f" ({e['median_ms'] / base[n]:.2f}×)" if base[n] else ""
+        coll = ", ".join(f"{v} {k}" for k, v in sorted(e.get("collectives", {}).items())) or "none"
+        cells.append(f"{e['median_ms']:.2f}{ratio}; {coll}")
+      lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+  if runs and runs[0].get("devices"):
+    d = next((d for d in runs[0]["devices"] if "impls" in d), None)
+    if d:
+      lines.append(f"Layer programs: global batch {_shape(d['shape'])} float32 sharded over the "
+                   "devices, `shard_map` with `axis_name='batch'`, forward+backward with "
+                   "parameter gradients summed over devices (the `all-reduce`). The ResNet step is "
+                   f"the one above with global batch {d['batch']}. Each device count runs in its "
+                   "own process, so these ratios are not interleaved; the simulated devices share "
+                   "the machine's cores.")
+      lines.append("")
+
+
+def _errors(runs):
+  """Every program that failed to compile or run, with its message."""
+  found = []
+  for run in runs:
+    where = run["allocator"]
+    for case in run.get("micro", []):
+      for impl, entry in case["impls"].items():
+        if "error" in entry:
+          found.append((where, f"{impl}, {case['mode']} {_shape(case['shape'])} {case['dtype']}",
+                        entry["error"]))
+    for stack in run.get("stack_memory", []):
+      for impl, error in stack.get("errors", {}).items():
+        found.append((where, f"{impl}, {stack['layers']}-layer stack memory", error))
+    for impl, entry in (run.get("resnet") or {}).get("impls", {}).items():
+      if "error" in entry:
+        found.append((where, f"ResNet step with {impl}", entry["error"]))
+    for d in run.get("devices", []):
+      if "error" in d:
+        found.append((where, f"{d.get('devices')} devices", d["error"]))
+      for impl, entry in d.get("impls", {}).items():
+        if "error" in entry:
+          found.append((where, f"{impl}, {d['devices']} devices", entry["error"]))
+  return found
+
+
+def chart(path, runs):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib import ticker
+
+  impls = [i for i in IMPLEMENTATIONS if i != FLAX]
+  fig, axes = plt.subplots(len(runs), 2, figsize=(14, 4.2 * len(runs)), squeeze=False)
+  for row, run in enumerate(runs):
+    for col, mode in enumerate(reversed(MODES)):
+      ax = axes[row][col]
+      cases = [c for c in run["micro"] if c["mode"] == mode and c["dtype"] == "float32"]
+      width = 0.8 / len(impls)
+      for k, impl in enumerate(impls):
+        values = [c["impls"].get(impl, {}).get("vs_flax", math.nan) for c in cases]
+        positions = [i + (k - len(impls) / 2 + 0.5) * width for i in range(len(cases))]
+        ax.bar(positions, values, width, label=impl,
+               edgecolor="black" if impl == BNJAX else None, linewidth=1.5)
+      ax.axhline(1.0, color="black", linewidth=0.8)
+      ax.set_xticks(range(len(cases)))
+      ax.set_xticklabels([_shape(c["shape"]) for c in cases])
+      ax.set_ylabel("time ÷ flax.linen.BatchNorm (same round)")
+      ax.set_title(f"{mode}, float32, {run['allocator']} allocator")
+      ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.1f"))
+      ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.1f"))
+  axes[0][1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
+  first = runs[0]
+  machine, versions = first["machine"], first["versions"]
+  lines = ["# bnjax benchmark results", ""]
+  if first.get("quick"):
+    lines += ["**Quick smoke run (`--quick`): few rounds, small shapes. Not for quoting.**", ""]
+  lines += [
+      f"Produced by `{command}` (`make bench`) on {date}, in {seconds / 60:.1f} minutes; "
+      "bnjax at revision " + ", ".join(
+          f"{r.get('revision', revision)} (sources {r.get('bnjax_digest', '?')}) for {r['allocator']}"
+          for r in runs) + ".", "",
+      "## Machine", "",
+      f"- CPU: {machine['cpu']}, {machine['cores']} cores available; {machine['os']}",
+      "- allocators measured: " + ", ".join(
+          f"{r['expected_allocator']} (in use: {r['allocator']}"
+          + (f", LD_PRELOAD={r['machine']['ld_preload']}" if r["machine"]["ld_preload"] else "")
+          + ")" for r in runs),
+      "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if "not importable" not in v),
+      f"- PyTorch threads: {first['torch_threads']} (`torch.set_num_threads`, the cores XLA:CPU "
+      f"uses), OMP_WAIT_POLICY={machine.get('omp_wait_policy')}" if first["torch_threads"]
+      else "- PyTorch threads: n/a",
+  ]
+  lines.append("- machine load (1-minute load average at the start and end of each allocator's "
+               "run; above the core count, other processes were competing for the cores): " + ", ".join(
+                   f"{r['allocator']} {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}"
+                   for r in runs if "load_after" in r))
+  missing = {m: reason for m, reason in first["peers"].items() if reason}
+  if missing:
+    lines.append("- **peers that could not be imported (left out of every table): "
+                 + "; ".join(f"{PEER_MODULES[m]} (`{reason}`)" for m, reason in missing.items())
+                 + "**")
+  else:
+    lines.append("- all peers imported: Flax (linen, nnx), Haiku, Equinox, PyTorch")
+  for r in runs:
+    if r.get("bnjax_digest") != r.get("bnjax_digest_after"):
+      notes = list(notes) + [f"bnjax's sources changed during the {r['allocator']} run: its "
+                             "numbers may mix two versions."]
+  for note in notes:
+    lines.append(f"- **{note}**")
+  lines += ["", "## Targets (issue 4)", "",
+            "Ratios are float32 medians of per-round ratios; a list gives one value per shape.", "",
+            "| target | allocator | measured | met |", "|---|---|---|---|"]
+  for target, allocator, measured, met in _targets(runs):
+    lines.append(f"| {target} | {allocator} | {measured} | {met} |")
+  lines += ["", f"![bnjax and peers, time relative to Flax]({os.path.basename(chart_path)})", "",
+            "## Implementations", ""]
+  for impl in IMPLEMENTATIONS:
+    lines.append(f"- **{impl}**: {DESCRIPTIONS[impl]}")
+  lines += [
+      "", "Every JAX implementation is jitted and compiled before timing; parameters are float32 "
+      "except Haiku's and Equinox's, which follow the input dtype. Forward returns "
+      "`(y, new_state)`; forward+backward returns `(y, (dx, dparams), new_state)` for a given dy "
+      "(`jax.vjp`; PyTorch: `autograd.grad(y, (x, weight, bias), dy)`).", "",
+      "Method: rounds run every implementation once each in a rotated order; a sample repeats a "
+      "call until it lasts 5 ms; medians over rounds; ratios are the median over rounds of "
+      "(time ÷ reference time in the same round). The machine is shared and noisy: compare "
+      "ratios, not absolute times.", "",
+      "## Micro-benchmarks", ""]
+  for run in runs:
+    lines += [f"### Allocator: {run['allocator']}", ""]
+    _micro_tables(run, lines)
+  _allocator_table(runs, lines)
+  lines += ["## What XLA compiled (float32)", "",
+            "Full-size passes: kernels of the compiled program that read or write an array of "
+            "the activation's size (R reads, W writes, from `benchmarks/hlo.py`), and the "
+            "compiled temporary memory, for forward / forward+backward. Where a program has "
+            "a `lax.cond`, the count follows the cheapest branch and the dearest is added.", ""]
+  _passes_table(first, lines)
+  lines += ["## Memory of a 6-layer stack", ""]
+  _stack_table(runs, lines)
+  lines += ["## ResNet-style training step", ""]
+  _resnet_table(runs, lines)
+  lines += ["## Simulated devices", ""]
+  _devices_table(runs, lines)
+  errors = _errors(runs)
+  if errors:
+    lines += ["## Errors", "", "Programs that failed to compile (left out of the tables above):",
+              ""]
+    for where, what, message in errors:
+      lines.append(f"- {where}: {what}: `{message[:400]}`")
+    lines.append("")
+  with open(out, "w") as f:
+    f.write("\n".join(lines).rstrip() + "\n")
+  chart(chart_path, runs)

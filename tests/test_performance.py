@@ -1,0 +1,246 @@
+"""Performance without timings: what XLA compiles for bnjax, read from the HLO text.
+
+Batch norm is memory-bound, so on CPU its cost is the number of times the activations stream
+through memory, its cross-device cost the number of collectives, and its memory cost what it keeps
+for the backward. These tests count all three in the compiled program (`benchmarks/hlo.py`) and
+fail when a change makes bnjax do more than the budgets below. Timings are in `make bench`.
+
+The budgets are today's measurements; lower them when bnjax improves. For comparison, the same
+counts for Flax on the same input (flax 0.12.8, jax 0.10.2, XLA:CPU):
+
+==========================  =======================  ===============================
+                            forward                  forward+backward
+==========================  =======================  ===============================
+flax.linen.BatchNorm        3 passes (3 R, 1 W)      9 passes (11 R, 4 W)
+... use_fast_variance=False 4 passes (4 R, 2 W)      11 passes (13 R, 5 W)
+==========================  =======================  ===============================
+
+Collectives per layer under `shard_map` (forward, backward): Flax default 1 and 1 (`all-reduce`),
+Flax exact variance 2 and 2.
+"""
+
+import doctest
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import pytest
+
+import bnjax
+from benchmarks import hlo
+
+
+class Budget(NamedTuple):
+  """Full-size passes: kernels that read or write an array of the input's size, and their full-size
+  reads and writes (`benchmarks/hlo.py`)."""
+
+  passes: int
+  reads: int
+  writes: int
+
+
+# One batch-norm layer on a (64, 8, 8, 32) float32 input. Forward is `(y, new_state)`;
+# forward+backward also returns (dx, dscale, dbias) for a given dy (a `jax.vjp`), as one layer of a
+# training step does. bnjax's statistics choose a path with `lax.cond`: "fast" counts the cheapest
+# branch of each (raw sums, for data whose mean is near zero), "worst" the dearest (the pivot and
+# exact passes), an upper bound on one execution.
+FORWARD_BUDGET = {"fast": Budget(passes=3, reads=3, writes=1),
+                  "worst": Budget(passes=7, reads=7, writes=2)}
+FORWARD_BACKWARD_BUDGET = {"fast": Budget(passes=6, reads=8, writes=2),
+                           "worst": Budget(passes=10, reads=12, writes=3)}
+# Cross-device collectives per batch-norm layer under `shard_map` (all kinds counted together).
+FORWARD_COLLECTIVES_PER_LAYER = 1  # today: one all-gather of (count, pivot, delta, m2).
+BACKWARD_COLLECTIVES_PER_LAYER = 1  # today: one all-reduce of (Σdy, Σdy·x̂).
+
+SHAPE = (64, 8, 8, 32)
+CHANNELS = SHAPE[-1]
+STACK_LAYERS = 6
+COLLECTIVE_LAYERS = 2  # two, so that collectives XLA might merge across layers would show.
+AXIS = "batch"
+
+
+def _hlo_text(f, *args):
+  return hlo.compile_for_analysis(jax.jit(f).lower(*args)).as_text()
+
+
+def _inputs():
+  x = jax.random.normal(jax.random.key(0), SHAPE, jnp.float32)
+  dy = jax.random.normal(jax.random.key(1), SHAPE, jnp.float32)
+  return x, dy
+
+
+def _bnjax_layer(params, state, x, axis_name=None):
+  return bnjax.batch_norm(params, state, x, True, axis_name=axis_name)
+
+
+def _autodiff_layer(params, state, x, axis_name=None):
+  """Reference batch norm in plain jnp (mean, two-pass variance), differentiated by autodiff."""
+  del axis_name
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+  keep = (1,) * (x.ndim - 1) + (CHANNELS,)
+  y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * params.scale.reshape(keep) + params.bias.reshape(keep)
+  return y, state
+
+
+def _stack(layer, axis_name=None):
+  """One batch norm per entry of `params`, each followed by a relu: (params, states, x) -> (y, states)."""
+
+  def forward(params, states, x):
+    new_states = []
+    for p, s in zip(params, states):
+      y, s = layer(p, s, x, axis_name)
+      x = jax.nn.relu(y)
+      new_states.append(s)
+    return x, new_states
+
+  return forward
+
+
+def _forward_backward(forward):
+  """(params, states, x, dy) -> (y, (dparams, dx), new_states): a layer's work in a train step."""
+
+  def step(params, states, x, dy):
+    y, vjp, new_states = jax.vjp(lambda p, x: forward(p, states, x), params, x, has_aux=True)
+    return y, vjp(dy), new_states
+
+  return step
+
+
+def _init(layers):
+  pairs = [bnjax.init(CHANNELS) for _ in range(layers)]
+  return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+# ----------------------------------------------------------------------------- the HLO counter
+
+
+def test_counter_docstring_example_runs():
+  failures, _ = doctest.testmod(hlo, extraglobs={"jax": jax, "jnp": jnp})
+  assert failures == 0
+
+
+def test_counter_sees_one_pass_for_an_elementwise_op():
+  x, _ = _inputs()
+  count = hlo.count_passes(_hlo_text(lambda x: x * 2.0 + 1.0, x), x.size)
+  assert (count.passes, count.reads, count.writes) == (1, 1, 1), count
+
+
+def test_counter_sees_a_reduction_as_a_read_without_write():
+  x, _ = _inputs()
+  text = _hlo_text(lambda x: jnp.sum(x, axis=(0, 1, 2)), x)
+  count = hlo.count_passes(text, x.size)
+  assert (count.passes, count.reads, count.writes) == (1, 1, 0), count
+
+
+def test_counter_ignores_a_gather_of_one_value_per_channel():
+  x, _ = _inputs()
+  text = _hlo_text(lambda x: x[0, 0, 0] + 1.0, x)
+  assert hlo.count_passes(text, x.size).passes == 0
+
+
+def test_counter_counts_each_collective_once():
+  mesh = jax.make_mesh((8,), (AXIS,))
+
+  def f(x):
+    return jax.lax.psum(x, AXIS), jax.lax.all_gather(x, AXIS, tiled=True)
+
+  x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P(AXIS)))
+  sharded = jax.shard_map(f, mesh=mesh, in_specs=P(AXIS), out_specs=(P(AXIS), P(AXIS)))
+  counts = hlo.count_collectives(_hlo_text(sharded, x))
+  assert counts == {"all-reduce": 1, "all-gather": 1}, counts
+
+
+# ----------------------------------------------------------------------------- full-size passes
+
+
+_BRANCHES = {"fast": "min", "worst": "max"}  # which `lax.cond` branch hlo.count_passes follows.
+
+
+def _passes(text, path):
+  count = hlo.count_passes(text, math.prod(SHAPE), branches=_BRANCHES[path])
+  return Budget(count.passes, count.reads, count.writes)
+
+
+@pytest.mark.parametrize("path", ["fast", "worst"])
+def test_forward_passes_within_budget(path):
+  x, _ = _inputs()
+  params, state = bnjax.init(CHANNELS)
+  measured = _passes(_hlo_text(_bnjax_layer, params, state, x), path)
+  budget = FORWARD_BUDGET[path]
+  assert all(m <= b for m, b in zip(measured, budget)), (measured, budget)
+
+
+@pytest.mark.parametrize("path", ["fast", "worst"])
+def test_forward_backward_passes_within_budget(path):
+  x, dy = _inputs()
+  params, state = bnjax.init(CHANNELS)
+  measured = _passes(_hlo_text(_forward_backward(_bnjax_layer), params, state, x, dy), path)
+  budget = FORWARD_BACKWARD_BUDGET[path]
+  assert all(m <= b for m, b in zip(measured, budget)), (measured, budget)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+@functools.cache
+def _collectives(layers, train):
+  """Collectives of a `layers`-deep bnjax stack under `shard_map` over 8 devices.
+
+  Parameters enter per device (stacked along the mesh axis) and their gradients are left per
+  device, so the only collectives in the program are batch norm's. dx is computed, so every
+  layer's backward reaches the layer below it.
+  """
+  assert jax.device_count() >= 8, (
+      f"this test needs 8 devices, found {jax.device_count()}; tests/conftest.py sets "
+      "--xla_force_host_platform_device_count=8 before JAX starts")
+  mesh = jax.make_mesh((8,), (AXIS,))
+  forward = _stack(_bnjax_layer, axis_name=AXIS)
+
+  def step(params, states, x, dy):
+    params = jax.tree.map(lambda a: a[0], params)  # this device's copy.
+    if train:
+      y, grads, new_states = _forward_backward(forward)(params, states, x, dy)
+    else:
+      (y, new_states), grads = forward(params, states, x), None
+    return y, grads, jax.tree.map(lambda a: a[None], new_states)
+
+  params, states = _init(layers)
+  params = jax.tree.map(lambda a: jnp.broadcast_to(a, (8,) + a.shape), params)
+  x, dy = _inputs()
+  params, x, dy = jax.device_put((params, x, dy), NamedSharding(mesh, P(AXIS)))
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), P(AXIS)),
+                          out_specs=P(AXIS))
+  text = _hlo_text(sharded, params, states, x, dy)
+  return sum(hlo.count_collectives(text).values())
+
+
+def test_one_forward_collective_per_layer():
+  forward = _collectives(COLLECTIVE_LAYERS, train=False)
+  assert forward == FORWARD_COLLECTIVES_PER_LAYER * COLLECTIVE_LAYERS
+
+
+def test_one_backward_collective_per_layer():
+  backward = (_collectives(COLLECTIVE_LAYERS, train=True)
+              - _collectives(COLLECTIVE_LAYERS, train=False))
+  assert backward == BACKWARD_COLLECTIVES_PER_LAYER * COLLECTIVE_LAYERS
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _stack_temp_bytes(layer):
+  x, dy = _inputs()
+  params, states = _init(STACK_LAYERS)
+  step = _forward_backward(_stack(layer))
+  return hlo.peak_temp_bytes(hlo.compile_for_analysis(jax.jit(step).lower(params, states, x, dy)))
+
+
+def test_stack_temp_memory_at_most_autodiff_reference():
+  bnjax_bytes = _stack_temp_bytes(_bnjax_layer)
+  reference_bytes = _stack_temp_bytes(_autodiff_layer)
+  assert 0 < bnjax_bytes <= reference_bytes, (bnjax_bytes, reference_bytes)
