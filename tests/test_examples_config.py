@@ -12,10 +12,8 @@ from ml_collections import config_flags
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # The repo's `examples` and `configs`, not dm-haiku's.
-  sys.path.insert(0, str(REPO_ROOT))
 
-from examples import train  # noqa: E402
+from examples import train
 
 CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10")
 

@@ -5,17 +5,14 @@ import gzip
 import os
 import pathlib
 import struct
-import sys
 
 import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # The repo's `examples`, not the one dm-haiku installs.
-  sys.path.insert(0, str(REPO_ROOT))
 
-import examples  # noqa: E402
-from examples import input_pipeline  # noqa: E402
+import examples
+from examples import input_pipeline
 
 NUM_TRAIN, NUM_TEST = 6, 4
 

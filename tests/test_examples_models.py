@@ -2,19 +2,13 @@
 
 import doctest
 import functools
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # The repo's `examples`, not the one dm-haiku installs.
-  sys.path.insert(0, str(REPO_ROOT))
-
-from examples import models  # noqa: E402
+from examples import models
 
 
 # Each test runs a function once: compiling without LLVM optimisation takes a second, not ten.

@@ -16,11 +16,9 @@ import jax
 import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # The repo's `examples` and `configs`, not dm-haiku's.
-  sys.path.insert(0, str(REPO_ROOT))
 
-from configs import default as default_config  # noqa: E402
-from examples import train  # noqa: E402
+from configs import default as default_config
+from examples import train
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2

@@ -9,24 +9,19 @@ import functools
 import json
 import pathlib
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # The repo's `examples` and `configs`, not dm-haiku's.
-  sys.path.insert(0, str(REPO_ROOT))
-
-from configs import cifar10 as cifar10_config  # noqa: E402
-from configs import compare as compare_config  # noqa: E402
-from configs import default as default_config  # noqa: E402
-from examples import checkpointing  # noqa: E402
-from examples import input_pipeline  # noqa: E402
-from examples import models  # noqa: E402
-from examples import reporting  # noqa: E402
-from examples import train  # noqa: E402
+from configs import cifar10 as cifar10_config
+from configs import compare as compare_config
+from configs import default as default_config
+from examples import checkpointing
+from examples import input_pipeline
+from examples import models
+from examples import reporting
+from examples import train
 
 
 def smoke_config():
