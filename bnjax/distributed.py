@@ -70,8 +70,7 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
   gathered = lax.all_gather(stacked, axis_name, to=to)  # [devices, 4, ...]
   count, pivot, delta, m2 = (gathered[:, i] for i in range(4))
   if axis_index_groups is not None:
-    membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), where)
-    weight = jnp.asarray(membership, count.dtype)[lax.axis_index(axis_name)]
+    weight = _group_weights(axis_name, axis_index_groups, count.dtype, where)
     count = count * weight.reshape((-1,) + (1,) * (count.ndim - 1))
   has_data = count > 0
   total = jnp.sum(count, axis=0, keepdims=True)
@@ -94,7 +93,12 @@ def sum_over_devices(values: jax.Array, axis_name: Any, axis_index_groups: Any =
   if axis_index_groups is None:
     return lax.psum(values, axis_name)
   # `psum` with groups is unavailable under `shard_map`: gather and sum the group's members.
-  membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), "bnjax")
-  weight = jnp.asarray(membership, values.dtype)[lax.axis_index(axis_name)]
+  weight = _group_weights(axis_name, axis_index_groups, values.dtype, "bnjax.batch_norm")
   gathered = lax.all_gather(values, axis_name)
   return jnp.tensordot(weight, gathered, axes=1)
+
+
+def _group_weights(axis_name: Any, axis_index_groups: Any, dtype: Any, where: str) -> jax.Array:
+  """[devices] 0/1 weights: 1 for the members of this device's group (static membership)."""
+  membership = _checks.partition_matrix(axis_index_groups, axis_size(axis_name), where)
+  return jnp.asarray(membership, dtype)[lax.axis_index(axis_name)]

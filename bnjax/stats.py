@@ -44,14 +44,14 @@ class Moments(NamedTuple):
     return self.m2 / jnp.maximum(self.count, 1)
 
 
-def _first_valid(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...]) -> jax.Array:
+def _first_valid(x: jax.Array, mask: jax.Array, reduce_axes: tuple[int, ...]) -> jax.Array:
   """One value per channel at the first valid position, with reduced axes kept as size 1.
 
   The position is found on the mask's own (un-broadcast) shape, so this costs a gather of one
   value per channel plus an argmax over the mask, never a pass over `x`.
   """
   ndim = x.ndim
-  varying = [a for a in reduce_axes if mask is not None and mask.shape[a] > 1]
+  varying = [a for a in reduce_axes if mask.shape[a] > 1]
   index = []
   if varying:
     others = [a for a in range(ndim) if a not in varying]
