@@ -1,15 +1,26 @@
-"""bnjax: exact, fast batch normalization for JAX and Flax."""
+"""bnjax: exact, fast normalization for JAX and Flax.
+
+The pure core (`batch_norm`, `init`, the pytrees) needs only JAX; the Flax wrappers live in
+`bnjax.linen` (and `bnjax.nnx`) and are imported on first use, so ``import bnjax`` does not
+import Flax. `bnjax.BatchNorm` is the documented alias of `bnjax.linen.BatchNorm`.
+"""
+
+import importlib
+from typing import Any
 
 from bnjax.functional import batch_norm as batch_norm
 from bnjax.functional import from_torch_momentum as from_torch_momentum
 from bnjax.functional import init as init
 from bnjax.functional import update_running_stats as update_running_stats
-from bnjax.linen import BatchNorm as BatchNorm
 from bnjax.types import BatchNormParams as BatchNormParams
 from bnjax.types import BatchNormState as BatchNormState
 from bnjax.types import BatchStats as BatchStats
 
 __version__ = "0.1.0"
+
+# Names served on first access, so that the pure core never imports Flax.
+_LAZY = {"BatchNorm": ("bnjax.linen", "BatchNorm")}
+_SUBMODULES = ("linen", "nnx")
 
 __all__ = [
     "BatchNorm",
@@ -21,3 +32,19 @@ __all__ = [
     "init",
     "update_running_stats",
 ]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY:
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+  elif name in _SUBMODULES:
+    value = importlib.import_module(f"bnjax.{name}")
+  else:
+    raise AttributeError(f"module 'bnjax' has no attribute {name!r}")
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

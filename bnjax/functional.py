@@ -1,15 +1,16 @@
 """The pure batch-norm core: `init`, `batch_norm` and the running-statistics update."""
 
 from collections.abc import Sequence
-import functools
+import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Literal, overload
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 
 from bnjax import _checks
+from bnjax import _standardize
 from bnjax import distributed
 from bnjax import stats
 from bnjax.types import BatchNormParams, BatchNormState, BatchStats
@@ -60,13 +61,23 @@ def from_torch_momentum(torch_momentum: float) -> float:
   ``running = momentum * running + (1 - momentum) * batch``. PyTorch also stores the unbiased
   variance: pass ``unbiased_running_var=True`` to match its running statistics.
 
+  Raises:
+    TypeError: if ``torch_momentum`` is not a number (PyTorch's ``momentum=None``, a cumulative
+      average, has no decay equivalent).
+    ValueError: if it is outside [0, 1].
+
   Examples:
     >>> bnjax.from_torch_momentum(0.1)
     0.9
   """
+  where = "bnjax.from_torch_momentum"
+  if isinstance(torch_momentum, bool) or not isinstance(torch_momentum, numbers.Real):
+    _checks.fail(where, f"`torch_momentum` must be a number in [0, 1] (PyTorch's `momentum`, the "
+                 f"weight of the new batch); got {torch_momentum!r}. PyTorch's `momentum=None` "
+                 "(a cumulative average) has no exponential-decay equivalent.", TypeError)
   m = float(torch_momentum)
   if not 0.0 <= m <= 1.0:
-    raise ValueError(f"bnjax.from_torch_momentum: `torch_momentum` must be in [0, 1]; got {m}.")
+    _checks.fail(where, f"`torch_momentum` must be in [0, 1]; got {m}.")
   return round(1.0 - m, 12)
 
 
@@ -75,41 +86,71 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
                          ) -> tuple[BatchNormState, jax.Array]:
   """Moves the running averages toward one batch's statistics, channel by channel.
 
-  ``new = momentum * old + (1 - momentum) * batch``. Channels whose batch statistics are not finite
-  (a NaN or Inf in the batch), that had no valid value, or (with ``unbiased``) only one, keep their
-  old values, so a bad batch never poisons the state.
+  ``new = momentum * old + (1 - momentum) * batch``, computed in at least float32 and returned in
+  the state's own dtype (a bfloat16 state moves as a float32 one would, then rounds; it still
+  stops moving once ``(1 - momentum) * |batch - running|`` is below half its spacing, e.g. 0.78
+  away near 3.0 at momentum 0.99, so keep running statistics in float32 as `init` makes them). Channels
+  whose batch statistics are not finite (a NaN or Inf in the batch), that had no valid value, or
+  (with ``unbiased``) only one, keep their old values, so a bad batch never poisons the state.
 
   Args:
-    state: the running statistics, float32, of the feature shape.
+    state: the running statistics, of the feature shape.
     mean: the batch mean, of the feature shape.
     var: the biased batch variance, of the feature shape.
     count: the number of values behind each channel's statistics.
-    momentum: the decay of the running average.
+    momentum: the decay of the running average (a scalar or per-channel values in [0, 1]).
     unbiased: if True, the variance is scaled by ``count / (count - 1)`` before averaging.
 
   Returns:
     ``(new_state, updated)``, where ``updated`` is a bool array that is False where the old values
     were kept.
   """
-  mean = lax.stop_gradient(mean)
-  var = lax.stop_gradient(var)
+  dtype = jnp.dtype(jnp.float64 if jnp.finfo(state.mean.dtype).bits > 32 else jnp.float32)
+  mean = lax.stop_gradient(mean).astype(dtype)
+  var = lax.stop_gradient(var).astype(dtype)
+  count = jnp.asarray(count)
   if unbiased:
-    var = var * (count / jnp.maximum(count - 1, 1))
+    n = count.astype(dtype)
+    var = var * (n / jnp.maximum(n - 1, 1))
   updated = jnp.isfinite(mean) & jnp.isfinite(var) & (count > (1 if unbiased else 0))
-  new_mean = momentum * state.mean + (1 - momentum) * mean.astype(state.mean.dtype)
-  new_var = momentum * state.var + (1 - momentum) * var.astype(state.var.dtype)
+  momentum = jnp.asarray(momentum, dtype)
+  old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
+  new_mean = momentum * old_mean + (1 - momentum) * mean
+  new_var = momentum * old_var + (1 - momentum) * var
   new_state = BatchNormState(
-      mean=jnp.where(updated, new_mean, state.mean).astype(state.mean.dtype),
-      var=jnp.where(updated, new_var, state.var).astype(state.var.dtype),
+      mean=jnp.where(updated, new_mean, old_mean).astype(state.mean.dtype),
+      var=jnp.where(updated, new_var, old_var).astype(state.var.dtype),
   )
   return new_state, updated
+
+
+_Returns = tuple[jax.Array, BatchNormState]
+_ReturnsWithStats = tuple[jax.Array, BatchNormState, BatchStats]
+
+
+@overload
+def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+               axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
+               axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
+               unbiased_running_var: bool = ..., dtype: Any = ...,
+               return_stats: Literal[False] = ..., custom_vjp: bool = ...,
+               stats_route: str = ...) -> _Returns: ...
+
+
+@overload
+def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+               axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
+               axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
+               unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: Literal[True],
+               custom_vjp: bool = ..., stats_route: str = ...) -> _ReturnsWithStats: ...
 
 
 def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = -1, momentum: Any = 0.99, epsilon: Any = 1e-5,
                axis_name: Any = None, axis_index_groups: Any = None, mask: jax.Array | None = None,
                unbiased_running_var: bool = False, dtype: Any = None, return_stats: bool = False,
-               custom_vjp: bool = True):
+               custom_vjp: bool = True, stats_route: str = "auto"
+               ) -> _Returns | _ReturnsWithStats:
   r"""Batch normalization, as a pure function of parameters, running statistics and input.
 
   .. math::
@@ -123,8 +164,9 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   In evaluation (``train=False``), the running statistics are used and ``state`` is returned as is.
 
   Statistics are computed in at least float32 (float64 input stays float64) from sums shifted by a
-  pivot taken from the data (see `bnjax.stats`), exact for data far from zero; the output has the input's dtype (or ``dtype``); the
-  running statistics keep their float32 dtype.
+  pivot taken from the data (see `bnjax.stats`), exact for data far from zero; the output has the
+  input's dtype (or ``dtype``); the running statistics keep their dtype (float32 from `init`), and
+  their update is computed in at least float32.
 
   Warning:
     A channel whose batch statistics are not finite (NaN or Inf in its valid values), or that has
@@ -134,35 +176,47 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
 
   Args:
     params: ``BatchNormParams``; ``scale`` and ``bias`` of the feature shape, or None.
-    state: ``BatchNormState``; float32 ``mean`` and ``var`` of the feature shape.
-    x: array of shape ``[..., C]`` (any rank); the feature axes are ``axis``.
+    state: ``BatchNormState``; ``mean`` and ``var`` of the feature shape.
+    x: a real floating array of any rank; the feature axes are ``axis``. Complex and integer
+      input is refused (cast integers, e.g. ``x.astype(jnp.float32)``).
     train: a static Python bool: batch statistics (True) or running statistics (False).
-    axis: the feature axis or axes; every other axis is reduced over.
-    momentum: decay of the running averages, in [0, 1].
-    epsilon: added to the variance, > 0.
+    axis: the feature axis or axes; every other axis is reduced over (possibly none, e.g. one
+      example per `vmap` member, whose statistics then come from across ``axis_name``).
+    momentum: decay of the running averages, in [0, 1]: a scalar or per-channel values.
+    epsilon: added to the variance, > 0: a scalar or per-channel values. Differentiable.
     axis_name: a named axis (``shard_map``, ``pmap``, ``vmap``) or tuple of them to compute
-      statistics over, as if the batches of all devices were concatenated.
+      statistics over, as if the batches of all devices were concatenated. The combine sends
+      O(channels) bytes per device, whatever the number of devices (see `bnjax.distributed`).
     axis_index_groups: a partition of the named axis's indices; statistics are combined within each
       group. Groups may have different sizes.
     mask: bool array broadcastable to ``x``; statistics use only True positions. Values at False
-      positions never enter any arithmetic: if they are NaN or Inf the output there is ``bias``.
+      positions never enter the statistics, and a non-finite value there is replaced by the mean
+      before any arithmetic, so it reaches neither the valid outputs nor any gradient. The output
+      at a False position is the normalised value (``bias`` where it was not finite).
     unbiased_running_var: store the unbiased variance ``m / (m - 1) * var`` in the running average
       (the paper's inference rule and PyTorch's); normalisation in training always uses the biased
       variance.
     dtype: the output dtype; defaults to ``x.dtype``.
     return_stats: also return the step's ``BatchStats`` (training only).
     custom_vjp: differentiate training mode with bnjax's closed-form backward pass, which keeps
-      only ``x`` for the backward and needs one collective; False uses JAX's autodiff, which also
-      supports forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``).
+      ``x``, the mask and per-channel values for the backward and needs one all-reduce; False uses
+      JAX's autodiff, which also supports forward mode (``jax.jvp``, ``jax.jacfwd``,
+      ``jax.hessian``).
+    stats_route: how the batch moments are computed (see `bnjax.stats`): ``"adaptive"`` (exact:
+      raw sums, a data pivot or an exact second pass, chosen by `lax.cond`), ``"one_pass"`` (one
+      pass around a data pivot, no data-dependent control flow, at most ``log2(1 + k**2)`` bits lost
+      for a pivot ``k`` standard deviations from the mean), or ``"auto"``: adaptive on CPU,
+      one-pass on GPU and TPU and (with ``custom_vjp``) under `vmap`.
 
   Returns:
     ``(y, new_state)``, or ``(y, new_state, batch_stats)`` with ``return_stats=True``.
 
   Raises:
-    TypeError: if ``train`` is not a Python bool (e.g. traced), ``x`` is not floating, or ``mask``
-      is not boolean.
-    ValueError: on mismatched shapes, a bad ``axis``, ``momentum`` or ``epsilon``, or one value per
-      channel in training.
+    TypeError: if ``train`` is not a Python bool (e.g. traced), ``x`` is not real floating,
+      ``mask`` is not boolean, ``params``/``state`` are not bnjax's pytrees, or ``momentum`` or
+      ``epsilon`` is not a number.
+    ValueError: on mismatched shapes, a bad ``axis``, ``momentum``, ``epsilon`` or
+      ``stats_route``, or one value per channel in training.
 
   Examples:
     >>> params, state = bnjax.init(2)
@@ -175,6 +229,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
     [0.02, 0.2]
   """
   train = _checks.check_train(train, _WHERE)
+  _checks.check_params_and_state(params, state, _WHERE)
   _checks.check_floating(x, "x", _WHERE)
   x = jnp.asarray(x)
   feature_axes = _checks.canonical_axes(x.ndim, axis, _WHERE)
@@ -182,45 +237,66 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   _checks.check_feature_shapes(params, state, feature_shape, x.shape, axis, _WHERE)
   _checks.check_hyperparameters(momentum, epsilon, _WHERE)
+  if stats_route not in stats.ROUTES:
+    _checks.fail(_WHERE, f"`stats_route` must be one of {stats.ROUTES}; got {stats_route!r}.")
   if mask is not None:
     mask = _checks.mask_to_rank(mask, x.shape, _WHERE)
   if return_stats and not train:
-    raise ValueError(f"{_WHERE}: `return_stats=True` needs `train=True`; evaluation measures "
-                     "no batch statistics.")
+    _checks.fail(_WHERE, "`return_stats=True` needs `train=True`; evaluation measures no batch "
+                 "statistics.")
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
   keep_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
 
   def expand(v):  # feature shape -> x's rank, reduced axes as 1, statistics dtype.
-    return None if v is None else v.astype(stats_dtype).reshape(keep_shape)
+    return None if v is None else jnp.asarray(v).astype(stats_dtype).reshape(keep_shape)
 
   def squeeze(v):  # x's rank -> feature shape.
     return v.reshape(feature_shape)
 
   scale, bias = expand(params.scale), expand(params.bias)
   running_mean, running_var = expand(state.mean), expand(state.var)
-  epsilon = jnp.asarray(epsilon, stats_dtype)
+  epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
   if not train:
-    y = _normalize(x.astype(stats_dtype), mask, running_mean, None, running_var, scale, bias,
-                   epsilon).astype(out_dtype)
+    y = _standardize.normalize(x.astype(stats_dtype), mask, running_mean, None, running_var, scale,
+                               bias, epsilon).astype(out_dtype)
     return y, state
+  _per_channel(momentum, feature_shape, keep_shape, stats_dtype, "momentum")
 
   devices = 1
   if axis_name is not None:
     size = distributed.axis_size(axis_name)
     if axis_index_groups is not None:
-      _checks.partition_matrix(axis_index_groups, size, _WHERE)
+      distributed.partition_matrix(axis_index_groups, size, _WHERE)
       axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-    devices = _checks.smallest_group(axis_index_groups, size)
-  _checks.check_values_per_channel(_checks.static_count(x.shape, reduce_axes), devices, _WHERE)
-  # Mesh axes over which `x` varies but the parameters do not (under `shard_map`): the parameters'
-  # cotangents must be summed over them, as autodiff's transpose would.
-  param_sum_axes = tuple(sorted(distributed.varying_axes(x) - frozenset().union(
-      *(distributed.varying_axes(p) for p in (params.scale, params.bias) if p is not None))))
-  config = _TrainConfig(reduce_axes, axis_name, axis_index_groups, stats_dtype, out_dtype,
-                        param_sum_axes)
-  train_fn = _train_custom_vjp if custom_vjp else _train
+    devices = distributed.smallest_group(axis_index_groups, size)
+  local_count = math.prod(x.shape[a] for a in reduce_axes)
+  _checks.check_values_per_channel(local_count, devices, _WHERE)
+  _check_count_fits(local_count, size if axis_name is not None else 1)
+
+  def sum_axes(value):
+    # Mesh axes over which `x` varies but `value` does not (under `shard_map`): the cotangent of
+    # `value` must be summed over them, as autodiff's transpose would.
+    if value is None:
+      return ()
+    return tuple(sorted(distributed.varying_axes(x) - distributed.varying_axes(value), key=str))
+
+  count_shape = None
+  if mask is not None:  # Counts travel per channel, or once when the mask is the same for all.
+    count_shape = tuple(1 if a in feature_axes and mask.shape[a] == 1 else s
+                        for a, s in enumerate(keep_shape))
+  config = _standardize.TrainConfig(
+      reduce_axes=reduce_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      stats_dtype=stats_dtype, out_dtype=out_dtype, route=stats_route,
+      scale_sum_axes=sum_axes(scale), bias_sum_axes=sum_axes(bias),
+      epsilon_sum_axes=sum_axes(epsilon),
+      scale_invariant=(scale is None or axis_name is None
+                       or distributed.typed_invariant(scale, axis_name, x)),
+      pivot_shared=(axis_name is not None
+                    and distributed.typed_invariant(running_mean, axis_name, x)),
+      count_shape=count_shape, where=_WHERE)
+  train_fn = _standardize.train_custom_vjp if custom_vjp else _standardize.train
   y, moments = train_fn(config, x, mask, scale, bias, lax.stop_gradient(running_mean),
                         lax.stop_gradient(running_var), epsilon)
   new_state, updated = update_running_stats(
@@ -234,133 +310,26 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   return y, new_state
 
 
-def _normalize(x, mask, centre, delta, var, scale, bias, epsilon):
-  """``scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias``, masked values made safe.
-
-  ``delta`` may be None (evaluation). Non-finite values at masked positions are replaced by the
-  mean before any arithmetic, so they reach neither the output's valid part nor any gradient.
-  """
-  x_hat = _centre(x, mask, centre, delta) * lax.rsqrt(var + epsilon)
-  y = x_hat if scale is None else x_hat * scale
-  return y if bias is None else y + bias
-
-
-def _centre(x, mask, centre, delta):
-  if mask is not None:
-    fill = centre if delta is None else centre + delta
-    x = jnp.where(mask | jnp.isfinite(x), x, fill)
-  return x - centre if delta is None else (x - centre) - delta
+def _per_channel(value: Any, feature_shape, keep_shape, dtype, name: str) -> jax.Array:
+  """A scalar hyper-parameter as is; per-channel values (of the feature shape) at `x`'s rank."""
+  value = jnp.asarray(value, dtype)
+  if value.ndim == 0:
+    return value
+  if value.shape != tuple(feature_shape):
+    _checks.fail(_WHERE, f"`{name}` must be a scalar or have the feature shape {tuple(feature_shape)}; "
+                 f"got shape {value.shape}.")
+  return value.reshape(keep_shape)
 
 
-class _TrainConfig(NamedTuple):
-  """The static part of a training call (hashable, so it can be a `nondiff_argnums` argument)."""
-
-  reduce_axes: tuple[int, ...]
-  axis_name: Any
-  axis_index_groups: tuple[tuple[int, ...], ...] | None
-  stats_dtype: Any
-  out_dtype: Any
-  param_sum_axes: tuple[Any, ...]
-
-
-def _train_statistics(config, x, mask, running_mean, running_var):
-  """Global moments, and the centre, delta and variance to normalise with.
-
-  Channels without any valid value are normalised with the running statistics.
-  """
-  moments = stats.local_moments(x, mask, config.reduce_axes)
-  moments = distributed.combine_moments(moments, config.axis_name, config.axis_index_groups,
-                                        where=_WHERE)
-  has_data = moments.count > 0
-  centre = jnp.where(has_data, moments.pivot, running_mean)
-  delta = jnp.where(has_data, moments.delta, jnp.zeros((), x.dtype))
-  var = jnp.where(has_data, moments.var, running_var)
-  return moments, centre, delta, var
-
-
-def _train(config, x, mask, scale, bias, running_mean, running_var, epsilon):
-  """Training-mode batch norm, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
-  x = x.astype(config.stats_dtype)
-  moments, centre, delta, var = _train_statistics(config, x, mask, running_mean, running_var)
-  y = _normalize(x, mask, centre, delta, var, scale, bias, epsilon)
-  return y.astype(config.out_dtype), jax.tree.map(lax.stop_gradient, moments)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_custom_vjp(config, x, mask, scale, bias, running_mean, running_var, epsilon):
-  """`_train` with the closed-form backward; the statistics it returns carry no gradient."""
-  return _train(config, x, mask, scale, bias, running_mean, running_var, epsilon)
-
-
-def _train_fwd(config, x, mask, scale, bias, running_mean, running_var, epsilon):
-  xs = x.astype(config.stats_dtype)
-  moments, centre, delta, var = _train_statistics(config, xs, mask, running_mean, running_var)
-  y = _normalize(xs, mask, centre, delta, var, scale, bias, epsilon)
-  inv_std = lax.rsqrt(var + epsilon)
-  # Only x (in its own dtype) and per-channel values are kept for the backward pass.
-  mean = centre + delta
-  raw_sums_ok = jnp.all(mean * mean * (inv_std * inv_std) <= stats.MAX_CANCELLATION - 1)
-  residuals = (x, mask, scale, bias, centre, delta, inv_std, moments.count, raw_sums_ok)
-  return (y.astype(config.out_dtype), moments), residuals
-
-
-def _train_bwd(config, residuals, cotangents):
-  """dx = scale * inv_std * (dy - [valid] (sum(dy) + x_hat * sum(dy * x_hat)) / count).
-
-  The two per-channel sums are global (one collective over the named axis); the parameter
-  gradients are this device's own sums, as autodiff gives them.
-  """
-  x, mask, scale, bias, centre, delta, inv_std, count, raw_sums_ok = residuals
-  dy = cotangents[0].astype(config.stats_dtype)
-  xs = x.astype(config.stats_dtype)
-  axes = config.reduce_axes
-
-  def centred_sums(_):
-    x_hat = _centre(xs, mask, centre, delta) * inv_std
-    return jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)
-
-  def raw_sums(_):
-    # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
-    # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean is
-    # within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
-    sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
-    sum_dy_x = jnp.sum(dy * xs, axis=axes, keepdims=True)
-    return sum_dy, inv_std * (sum_dy_x - (centre + delta) * sum_dy)
-
-  if mask is None:
-    sum_dy, sum_dy_xhat = lax.cond(raw_sums_ok, raw_sums, centred_sums, None)
-  else:
-    sum_dy, sum_dy_xhat = centred_sums(None)
-  x_hat = _centre(xs, mask, centre, delta) * inv_std
-  global_sums = distributed.sum_over_devices(
-      jnp.stack([sum_dy, sum_dy_xhat]), config.axis_name, config.axis_index_groups)
-  d_scale = None if scale is None else _param_cotangent(sum_dy_xhat, global_sums[1], config)
-  d_bias = None if bias is None else _param_cotangent(sum_dy, global_sums[0], config)
-  factor = inv_std if scale is None else inv_std * scale
-  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1), jnp.zeros((), count.dtype))
-  correction = coefficient * (global_sums[0] + x_hat * global_sums[1])
-  if mask is None:
-    dx = factor * (dy - correction)
-  else:
-    direct = jnp.where(mask | jnp.isfinite(xs), dy, jnp.zeros((), dy.dtype))
-    dx = factor * (direct - jnp.where(mask, correction, jnp.zeros((), dy.dtype)))
-  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, None)
-
-
-def _param_cotangent(local_sum, global_sum, config):
-  """A parameter's cotangent: this device's sum, or under `shard_map` the sum over the mesh axes
-  the parameter is replicated on, as autodiff's transpose gives it.
-
-  When those axes are exactly the statistics' axis, that sum is the global sum the backward pass
-  computed already, so no collective is added.
-  """
-  extra = config.param_sum_axes
-  if not extra:
-    return local_sum
-  named = config.axis_name if isinstance(config.axis_name, tuple) else (config.axis_name,)
-  if config.axis_index_groups is None and set(extra) == set(named):
-    return global_sum
-  return lax.psum(local_sum, extra)
-
-
-_train_custom_vjp.defvjp(_train_fwd, _train_bwd)
+def _check_count_fits(local_count: Any, devices: int) -> None:
+  """Counts are int32 without x64: more than 2**31 - 1 values per channel cannot be counted."""
+  if jax.config.jax_enable_x64:
+    return
+  try:
+    too_many = local_count * devices > jnp.iinfo(jnp.int32).max
+  except Exception:  # noqa: BLE001  (a symbolic size: checked when it is known.)
+    return
+  if too_many:
+    _checks.fail(_WHERE, f"{local_count} values per channel on each of {devices} device(s) "
+                 "exceed the int32 count (2**31 - 1); enable 64-bit counts with "
+                 "`jax.config.update('jax_enable_x64', True)`.")

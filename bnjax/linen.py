@@ -13,6 +13,9 @@ from bnjax import _checks
 from bnjax.functional import batch_norm
 from bnjax.types import BatchNormParams, BatchNormState
 
+# The collection that per-layer diagnostics are written to, when it is made mutable by name.
+DIAGNOSTICS = "diagnostics"
+
 
 class BatchNorm(nn.Module):
   """Batch normalization for `flax.linen`, with the fields, call and variables of `nn.BatchNorm`.
@@ -25,9 +28,11 @@ class BatchNorm(nn.Module):
   runs unchanged; bnjax always computes exact statistics in at least float32.
 
   As in Flax, ``init`` does not update the running statistics and uses no collective, so the named
-  axis need not exist while initialising. A channel whose batch statistics are not finite keeps its
-  running statistics; with ``mutable=['batch_stats', 'intermediates']`` the per-channel flags are
-  returned as ``intermediates/.../batch_stats_updated``.
+  axis need not exist while initialising, and integer input is promoted to float32. A channel whose
+  batch statistics are not finite keeps its running statistics. The variable tree is exactly
+  Flax's (also with ``mutable=True``); the per-channel flags of which channels were updated are
+  recorded only when asked for by name, ``mutable=['batch_stats', DIAGNOSTICS]``, as
+  ``diagnostics/.../batch_stats_updated``.
 
   Attributes:
     use_running_average: if True, normalise with the running statistics (evaluation).
@@ -45,6 +50,10 @@ class BatchNorm(nn.Module):
     use_fast_variance: accepted for compatibility; bnjax's variance is always exact.
     force_float32_reductions: accepted for compatibility; statistics are always at least float32.
     unbiased_running_var: store the unbiased variance in the running average (PyTorch's rule).
+    custom_vjp: use bnjax's closed-form backward pass (False: JAX's autodiff, which also supports
+      forward mode, e.g. ``jax.jvp`` through the model).
+    stats_route: how batch moments are computed: ``"auto"``, ``"adaptive"`` or ``"one_pass"``
+      (see `bnjax.batch_norm`).
 
   Examples:
     >>> model = bnjax.BatchNorm(use_running_average=False)
@@ -70,6 +79,8 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
+  custom_vjp: bool = True
+  stats_route: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
@@ -86,6 +97,7 @@ class BatchNorm(nn.Module):
     """
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
+    x = _promote_integers(x)
     feature_axes = _checks.canonical_axes(jnp.ndim(x), self.axis, "bnjax.BatchNorm")
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
 
@@ -114,11 +126,30 @@ class BatchNorm(nn.Module):
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         mask=mask, unbiased_running_var=self.unbiased_running_var, dtype=dtype,
-        return_stats=train)
+        return_stats=train, custom_vjp=self.custom_vjp, stats_route=self.stats_route)
     if train and not initializing:
       y, (ra_mean.value, ra_var.value), batch_stats = outputs
-      # Which channels took this batch's statistics (False: non-finite or no valid value).
-      # Visible with `mutable=['batch_stats', 'intermediates']`; free otherwise.
-      self.sow("intermediates", "batch_stats_updated", batch_stats.updated)
+      if requested(self, DIAGNOSTICS):
+        # Which channels took this batch's statistics (False: non-finite or no valid value).
+        self.sow(DIAGNOSTICS, "batch_stats_updated", batch_stats.updated)
       return y
     return outputs[0]
+
+
+def requested(module: nn.Module, collection: str) -> bool:
+  """Whether `collection` was made mutable by name (not merely by ``mutable=True``), so that
+  diagnostics never change the variable tree of code written for Flax."""
+  mutable = module.scope.mutable if module.scope is not None else False
+  if isinstance(mutable, str):
+    return mutable == collection
+  if isinstance(mutable, (list, tuple)):
+    return collection in mutable
+  return False
+
+
+def _promote_integers(x: Any) -> jax.Array:
+  """Integer (and bool) input becomes float32, as Flax's norms compute it; floats pass as is."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+    return x.astype(jnp.float32)
+  return x

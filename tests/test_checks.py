@@ -87,15 +87,15 @@ def test_float_mask_is_a_type_error():
 @pytest.mark.parametrize("momentum", [-0.1, 1.5])
 def test_momentum_out_of_range_suggests_the_torch_conversion(momentum):
   params, state, x = _setup()
-  with pytest.raises(ValueError, match=rf"`momentum` must be in \[0, 1\].*got {momentum}.*"
-                     r"from_torch_momentum"):
+  with pytest.raises(ValueError, match=r"`momentum` must be a number in \[0, 1\].*"
+                     rf"from_torch_momentum.*got {momentum}"):
     bnjax.batch_norm(params, state, x, True, momentum=momentum)
 
 
 @pytest.mark.parametrize("epsilon", [0.0, -1e-5])
 def test_non_positive_epsilon_is_a_value_error(epsilon):
   params, state, x = _setup()
-  with pytest.raises(ValueError, match=rf"`epsilon` must be > 0.*got {epsilon}"):
+  with pytest.raises(ValueError, match=rf"`epsilon` must be a number > 0.*got {epsilon}"):
     bnjax.batch_norm(params, state, x, True, epsilon=epsilon)
 
 
@@ -135,3 +135,83 @@ def test_missing_running_statistics_are_a_value_error():
   params, state, x = _setup()
   with pytest.raises(ValueError, match=r"`state.mean` is None"):
     bnjax.batch_norm(params, state._replace(mean=None), x, True)
+
+
+# ----------------------------------------------------------------------------- None, dicts, arrays
+
+
+@pytest.mark.parametrize("name", ["momentum", "epsilon"])
+def test_none_hyperparameter_is_a_type_error_naming_it(name):
+  params, state, x = _setup()
+  with pytest.raises(TypeError, match=rf"`{name}` must be a number.*got None"):
+    bnjax.batch_norm(params, state, x, True, **{name: None})
+
+
+def test_string_momentum_is_a_type_error():
+  params, state, x = _setup()
+  with pytest.raises(TypeError, match=r"`momentum` must be a number in \[0, 1\].*got '0.9'"):
+    bnjax.batch_norm(params, state, x, True, momentum="0.9")
+
+
+@pytest.mark.parametrize("name, values, bad", [
+    ("momentum", [0.9, 1.5, 0.99], "1.5"),
+    ("epsilon", [1e-5, -1.0, 1e-3], "-1.0"),
+])
+def test_per_channel_hyperparameter_out_of_range_is_named(name, values, bad):
+  params, state, x = _setup()
+  with pytest.raises(ValueError, match=rf"`{name}` must be a number.*got \[{bad}\] among its 3"):
+    bnjax.batch_norm(params, state, x, True, **{name: np.array(values)})
+
+
+def test_per_channel_hyperparameter_of_the_wrong_shape_is_named():
+  params, state, x = _setup()
+  with pytest.raises(ValueError, match=r"`momentum` must be a scalar or have the feature shape "
+                     r"\(3,\); got shape \(2,\)"):
+    bnjax.batch_norm(params, state, x, True, momentum=np.array([0.9, 0.9]))
+
+
+def test_per_channel_hyperparameters_in_range_are_used_per_channel():
+  params, state, x = _setup()
+  x = x * jnp.arange(4.0)[:, None]
+  momentum = jnp.array([0.0, 0.5, 1.0])
+  _, new_state = bnjax.batch_norm(params, state, x, True, momentum=momentum)
+  np.testing.assert_allclose(new_state.mean, [1.5, 0.75, 0.0])  # batch mean 1.5
+
+
+def test_from_torch_momentum_of_none_says_it_has_no_decay_equivalent():
+  with pytest.raises(TypeError, match=r"`torch_momentum` must be a number.*got None.*"
+                     r"cumulative average"):
+    bnjax.from_torch_momentum(None)
+
+
+@pytest.mark.parametrize("which", ["params", "state"])
+def test_none_params_or_state_is_a_type_error_naming_it(which):
+  params, state, x = _setup()
+  args = {"params": params, "state": state, which: None}
+  with pytest.raises(TypeError, match=rf"`{which}` must have the fields .*got None"):
+    bnjax.batch_norm(args["params"], args["state"], x, True)
+
+
+def test_flax_style_dicts_are_a_type_error_that_says_how_to_convert():
+  params, state, x = _setup()
+  with pytest.raises(TypeError, match=r"`params` must have the fields \('scale', 'bias'\); got a "
+                     r"dict with keys \['bias', 'scale'\]; convert it with "
+                     r"`bnjax.BatchNormParams\(\*\*d\)`"):
+    bnjax.batch_norm({"scale": params.scale, "bias": params.bias}, state, x, True)
+  with pytest.raises(TypeError, match=r"`state` must have the fields \('mean', 'var'\); got a "
+                     r"dict with keys \['mean', 'var'\]"):
+    bnjax.batch_norm(params, {"mean": state.mean, "var": state.var}, x, True)
+
+
+def test_complex_input_is_refused_with_the_alternative():
+  params, state, x = _setup()
+  with pytest.raises(TypeError, match=r"`x` has the complex dtype complex64.*separate channels.*"
+                     r"jnp.concatenate\(\[x.real, x.imag\], axis=-1\)"):
+    bnjax.batch_norm(params, state, x.astype(jnp.complex64), True)
+
+
+def test_unknown_stats_route_is_named():
+  params, state, x = _setup()
+  with pytest.raises(ValueError, match=r"`stats_route` must be one of \('auto', 'adaptive', "
+                     r"'one_pass'\); got 'fast'"):
+    bnjax.batch_norm(params, state, x, True, stats_route="fast")

@@ -381,3 +381,69 @@ def test_outlying_leading_rows_still_give_exact_variance(outlier):
   np.testing.assert_allclose(stats.var, var, rtol=1e-5)
   # The mean within 1e-5 standard deviations, or float32 rounding of the mean itself.
   np.testing.assert_allclose(stats.mean, mean, rtol=2.4e-7, atol=1e-5 * np.sqrt(var).min())
+
+
+# ----------------------------------------------------------------------------- state dtype, counts
+
+
+def _bf16_state(mean, var):
+  return bnjax.BatchNormState(jnp.asarray(mean, jnp.bfloat16), jnp.asarray(var, jnp.bfloat16))
+
+
+def test_bfloat16_running_statistics_move_as_float32_ones_would_then_round():
+  params, _ = bnjax.init(1)
+  state = _bf16_state([2.0], [1.0])
+  x = jnp.array([[2.0], [4.0]])  # batch mean 3.0
+  _, new_state = bnjax.batch_norm(params, state, x, True)
+  assert new_state.mean.dtype == jnp.bfloat16
+  # 0.99 * 2.0 + 0.01 * 3.0 = 2.01, whose nearest bfloat16 is 2.015625 (a bfloat16 sum: 2.0).
+  assert float(new_state.mean[0]) == 2.015625
+
+
+def test_bfloat16_running_statistics_follow_a_float32_update_rounded_each_step():
+  import ml_dtypes
+  params, _ = bnjax.init(3)
+  state = _bf16_state(np.zeros(3), np.ones(3))
+  means = np.array([4.4, 4.8, 5.1], np.float32)
+  x = jnp.asarray(means[None] + np.array([[-1.0], [1.0]], np.float32))  # batch means as given
+  step = jax.jit(lambda s: bnjax.batch_norm(params, s, x, True)[1])
+  expected = np.zeros(3, ml_dtypes.bfloat16)
+  batch_mean = np.asarray(x, np.float32).mean(0)
+  for _ in range(300):
+    state = step(state)
+    expected = (np.float32(0.99) * expected.astype(np.float32)
+                + np.float32(0.01) * batch_mean).astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(np.asarray(state.mean), expected)
+  # bfloat16 arithmetic stalled all three at 3.34375; rounding only the result gets each closer.
+  got = np.asarray(state.mean, np.float32)
+  assert np.all(np.abs(got - batch_mean) < np.abs(3.34375 - batch_mean)), got
+
+
+def test_batch_stats_count_is_exact_beyond_float32():
+  n = 2 ** 24 + 3  # not a float32
+  params, state = bnjax.init(1)
+  x = jnp.zeros((n, 1)).at[::2].set(1.0)
+  _, _, batch = jax.jit(lambda x: bnjax.batch_norm(params, state, x, True, return_stats=True))(x)
+  assert batch.count.dtype == jnp.int32
+  assert int(batch.count[0]) == n
+
+
+def test_epsilon_gradient_matches_closed_form_and_autodiff():
+  x = _normal(3, (16, 3), loc=1.0, scale=0.3)
+  params, state = _affine((3,)), bnjax.init(3)[1]
+  weights = _normal(4, (16, 3))
+
+  def loss(epsilon, custom_vjp):
+    y, _ = bnjax.batch_norm(params, state, x, True, epsilon=epsilon, custom_vjp=custom_vjp)
+    return jnp.sum(weights * y)
+
+  epsilon = 0.05
+  mean, var, _ = reference.moments(x)
+  xn, w = np.asarray(x, np.float64), np.asarray(weights, np.float64)
+  closed = np.sum(w * np.asarray(params.scale) * (xn - mean) * -0.5 * (var + epsilon) ** -1.5)
+  for custom_vjp in (True, False):
+    got = jax.grad(loss)(jnp.float32(epsilon), custom_vjp)
+    np.testing.assert_allclose(got, closed, rtol=1e-4, err_msg=f"custom_vjp={custom_vjp}")
+  per_channel = jax.grad(loss)(jnp.full((3,), epsilon, jnp.float32), True)
+  expected = np.sum(w * np.asarray(params.scale) * (xn - mean) * -0.5 * (var + epsilon) ** -1.5, 0)
+  np.testing.assert_allclose(per_channel, expected, rtol=1e-4)

@@ -43,7 +43,7 @@ def test_fields_and_defaults_match_flax():
   theirs = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm) if f.name not in
             ("parent", "name")}
   extra = set(ours) - set(theirs)
-  assert extra == {"unbiased_running_var"}
+  assert extra == {"unbiased_running_var", "custom_vjp", "stats_route"}
   for name, default in theirs.items():
     assert ours[name] == default, name
 
@@ -232,8 +232,56 @@ def test_non_finite_batch_keeps_batch_stats_and_is_reported():
   model = bnjax.BatchNorm(use_running_average=False)
   variables = model.init(jax.random.key(0), _x(15))
   x = _x(16).at[3, 2].set(jnp.nan)
-  _, updates = model.apply(variables, x, mutable=["batch_stats", "intermediates"])
+  _, updates = model.apply(variables, x, mutable=["batch_stats", bnjax.linen.DIAGNOSTICS])
   np.testing.assert_array_equal(updates["batch_stats"]["var"][2], 1.0)
   np.testing.assert_array_equal(updates["batch_stats"]["mean"][2], 0.0)
-  (flags,) = updates["intermediates"]["batch_stats_updated"]
+  (flags,) = updates[bnjax.linen.DIAGNOSTICS]["batch_stats_updated"]
   np.testing.assert_array_equal(flags, [True, True, False, True, True])
+
+
+def test_custom_vjp_field_off_allows_forward_mode_through_a_model():
+  x, tangent = _x(20), _x(21)
+  model = bnjax.BatchNorm(use_running_average=False, custom_vjp=False)
+  variables = model.init(jax.random.key(0), x)
+  got = jax.jvp(lambda x: model.apply(variables, x, mutable=["batch_stats"])[0], (x,),
+                (tangent,))[1]
+  flax_model = _flax(use_running_average=False)
+  flax_vars = flax_model.init(jax.random.key(0), x)
+  with jax.numpy_dtype_promotion("standard"):
+    expected = jax.jvp(lambda x: flax_model.apply(flax_vars, x, mutable=["batch_stats"])[0],
+                       (x,), (tangent,))[1]
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_vjp_field_on_refuses_forward_mode_with_jaxs_error():
+  x = _x(22)
+  model = bnjax.BatchNorm(use_running_average=False)
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    jax.jvp(lambda x: model.apply(variables, x, mutable=["batch_stats"])[0], (x,), (x,))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8])
+def test_integer_input_is_promoted_like_flax(dtype):
+  x = (jnp.arange(48).reshape(16, 3) * 7 % 11).astype(dtype)
+  outputs = {}
+  for name, module in (("bnjax", bnjax.BatchNorm), ("flax", _flax)):
+    model = module(use_running_average=False)
+    variables = model.init(jax.random.key(0), x)
+    with jax.numpy_dtype_promotion("standard"):
+      outputs[name] = model.apply(variables, x, mutable=["batch_stats"])
+  (y, updates), (y_flax, updates_flax) = outputs["bnjax"], outputs["flax"]
+  assert y.dtype == y_flax.dtype == jnp.float32
+  np.testing.assert_allclose(y, y_flax, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"], updates_flax["batch_stats"]["var"],
+                             rtol=1e-5)
+
+
+def test_diagnostics_appear_only_when_their_collection_is_named():
+  model = bnjax.BatchNorm(use_running_average=False)
+  x = _x(23)
+  variables = model.init(jax.random.key(0), x)
+  _, everything = model.apply(variables, x, mutable=True)
+  assert set(everything) == {"params", "batch_stats"}
+  _, named = model.apply(variables, x, mutable=["batch_stats", bnjax.linen.DIAGNOSTICS])
+  assert set(named) == {"batch_stats", bnjax.linen.DIAGNOSTICS}

@@ -1,0 +1,209 @@
+"""Standardisation over any set of axes, and its closed-form custom VJP.
+
+    y = scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias
+
+In training, ``centre + delta`` and ``var`` are the moments of the valid values of ``x`` over the
+reduced axes (and across devices along a named axis): `bnjax.stats` computes them and
+`bnjax.distributed` combines them. The same code serves every norm whose statistics are moments over
+a set of axes; batch norm reduces over every axis but the features.
+
+The custom VJP keeps ``x`` (in its own dtype), the mask and per-channel values for the backward
+pass, and needs one all-reduce of two per-channel sums. With ``g = scale * dy`` (the cotangent of
+``x_hat``) and sums over the valid values of the whole (global) batch,
+
+    dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count),
+
+where the sums of ``g`` are sums of each device's own ``scale`` times its own sums, so parameters
+that differ across the named axis (`vmap` ensembles, per-device parameters) are differentiated
+exactly as autodiff would.
+"""
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from bnjax import distributed
+from bnjax import stats
+from bnjax.stats import Moments
+
+
+class TrainConfig(NamedTuple):
+  """The static part of a training call (hashable, so it can be a `nondiff_argnums` argument)."""
+
+  reduce_axes: tuple[int, ...]
+  axis_name: Any
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+  stats_dtype: Any
+  out_dtype: Any
+  route: str  # "auto", "adaptive" or "one_pass" (see `bnjax.stats`).
+  # Mesh axes over which `x` varies but `scale`, `bias`, `epsilon` do not (under `shard_map`):
+  # each one's cotangent is summed over them, as autodiff's transpose would.
+  scale_sum_axes: tuple[Any, ...]
+  bias_sum_axes: tuple[Any, ...]
+  epsilon_sum_axes: tuple[Any, ...]
+  scale_invariant: bool  # `scale` provably equal on every device along `axis_name` (or None).
+  pivot_shared: bool  # the fallback mean is provably equal on every device: a shared pivot.
+  count_shape: tuple[int, ...] | None  # how counts travel across devices; None: uniform, no mask.
+  where: str  # the public function's name, for errors.
+
+
+def centre(x, mask, centre_, delta):
+  """``(x - centre) - delta``; a non-finite value at a masked position is replaced by the mean first."""
+  if mask is not None:
+    fill = centre_ if delta is None else centre_ + delta
+    x = jnp.where(mask | jnp.isfinite(x), x, fill)
+  return x - centre_ if delta is None else (x - centre_) - delta
+
+
+def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
+  """``scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias``, masked values made safe.
+
+  ``delta`` may be None (evaluation), ``scale`` and ``bias`` None (no affine part). Every
+  per-channel operand has `x`'s rank.
+  """
+  x_hat = centre(x, mask, centre_, delta) * lax.rsqrt(var + epsilon)
+  y = x_hat if scale is None else x_hat * scale
+  return y if bias is None else y + bias
+
+
+def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
+  """Global moments, and the centre, delta and variance to normalise with.
+
+  Channels without any valid value are normalised with the fallback (running) statistics.
+  """
+  moments = stats.local_moments(x, mask, config.reduce_axes, config.route)
+  uniform = None if mask is not None else math.prod(x.shape[a] for a in config.reduce_axes)
+  moments = distributed.combine_moments(
+      moments, config.axis_name, config.axis_index_groups,
+      shared_pivot=fallback_mean if config.pivot_shared else None, uniform_count=uniform,
+      count_shape=config.count_shape, route=config.route)
+  has_data = moments.count > 0
+  fallback_mean = stats.align(fallback_mean, moments.pivot)
+  fallback_var = stats.align(fallback_var, moments.pivot)
+  centre_ = jnp.where(has_data, moments.pivot, fallback_mean)
+  delta = jnp.where(has_data, moments.delta, jnp.zeros((), x.dtype))
+  var = jnp.where(has_data, moments.var, fallback_var)
+  return moments, centre_, delta, var
+
+
+def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+  """Training-mode standardisation, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
+  x = x.astype(config.stats_dtype)
+  moments, centre_, delta, var = _statistics(config, x, mask, fallback_mean, fallback_var)
+  y = normalize(x, mask, centre_, delta, var, scale, bias, epsilon)
+  return y.astype(config.out_dtype), jax.tree.map(lax.stop_gradient, moments)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+  """`train` with the closed-form backward; the statistics it returns carry no gradient.
+
+  `fallback_mean` and `fallback_var` must carry no gradient (the caller stops it).
+  """
+  return train(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon)
+
+
+def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+  xs = x.astype(config.stats_dtype)
+  moments, centre_, delta, var = _statistics(config, xs, mask, fallback_mean, fallback_var)
+  y = normalize(xs, mask, centre_, delta, var, scale, bias, epsilon)
+  inv_std = lax.rsqrt(var + epsilon)
+  # x (in its own dtype), the mask and per-channel values are kept for the backward pass.
+  mean = centre_ + delta
+  raw_sums_ok = stats.is_precise(var + epsilon + mean * mean, var + epsilon)
+  group = (None if config.axis_name is None
+           else distributed.group_index(config.axis_name, config.axis_index_groups))
+  residuals = (x, mask, scale, bias, epsilon, centre_, delta, inv_std, moments.count, raw_sums_ok,
+               group)
+  return (y.astype(config.out_dtype), moments), residuals
+
+
+def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok):
+  """This device's ``(sum(dy), sum(dy * x_hat))`` over the reduced axes, by the cheapest exact route."""
+  axes = config.reduce_axes
+
+  def centred_sums(xs, dy, centre_, delta, inv_std):
+    x_hat = centre(xs, mask, centre_, delta) * inv_std
+    return jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)
+
+  if mask is not None:
+    return centred_sums(xs, dy, centre_, delta, inv_std)
+
+  def adaptive(xs, dy, centre_, delta, inv_std, raw_sums_ok):
+    def raw_sums(_):
+      # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
+      # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean
+      # is within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
+      sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
+      sum_dy_x = jnp.sum(dy * xs, axis=axes, keepdims=True)
+      return sum_dy, inv_std * (sum_dy_x - (centre_ + delta) * sum_dy)
+
+    return lax.cond(raw_sums_ok, raw_sums,
+                    lambda _: centred_sums(xs, dy, centre_, delta, inv_std), None)
+
+  def one_pass(xs, dy, centre_, delta, inv_std, raw_sums_ok):
+    del raw_sums_ok
+    return centred_sums(xs, dy, centre_, delta, inv_std)
+
+  fn = stats.route_dispatch(adaptive, one_pass, config.route)
+  return fn(xs, dy, centre_, delta, inv_std, raw_sums_ok)
+
+
+def _train_bwd(config, residuals, cotangents):
+  """dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count), g = scale * dy.
+
+  The sums of ``g`` are global (one all-reduce over the named axis). The cotangents of `scale`,
+  `bias` and `epsilon` are this device's own sums, summed over the mesh axes they are replicated
+  on (`shard_map`), as autodiff gives them.
+  """
+  x, mask, scale, bias, epsilon, centre_, delta, inv_std, count, raw_sums_ok, group = residuals
+  dy = cotangents[0].astype(config.stats_dtype)
+  xs = x.astype(config.stats_dtype)
+  sum_dy, sum_dy_xhat = _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok)
+  local = jnp.stack([sum_dy, sum_dy_xhat])
+  named = frozenset(distributed.axis_names(config.axis_name)) if config.axis_name else frozenset()
+  reuse = config.axis_index_groups is None and config.axis_name is not None
+  if config.scale_invariant:
+    # scale is the same on every device: sum first, scale after, and the parameters' sums (over
+    # the same axes) come for free.
+    unscaled = distributed.sum_over_devices(local, config.axis_name, config.axis_index_groups,
+                                            group)
+    global_g = unscaled if scale is None else unscaled * scale[None]
+  else:
+    global_g = distributed.sum_over_devices(local if scale is None else local * scale[None],
+                                            config.axis_name, config.axis_index_groups, group)
+    unscaled = None
+
+  def param_sum(local_sum, index, sum_axes):
+    if not sum_axes:
+      return local_sum
+    if reuse and unscaled is not None and frozenset(sum_axes) == named:
+      return unscaled[index]
+    return distributed.sum_over_axes(local_sum, sum_axes)
+
+  d_scale = None if scale is None else param_sum(sum_dy_xhat, 1, config.scale_sum_axes)
+  d_bias = None if bias is None else param_sum(sum_dy, 0, config.bias_sum_axes)
+  # dy/d(epsilon) = -scale * x_hat * inv_std**2 / 2 at every position.
+  d_eps_channels = -0.5 * inv_std * inv_std * (sum_dy_xhat if scale is None else sum_dy_xhat * scale)
+  # epsilon is a scalar or has x's rank (per channel).
+  d_eps = d_eps_channels if epsilon.ndim else jnp.sum(d_eps_channels)
+  d_eps = distributed.sum_over_axes(d_eps.astype(epsilon.dtype), config.epsilon_sum_axes)
+
+  x_hat = centre(xs, mask, centre_, delta) * inv_std
+  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(dy.dtype),
+                          jnp.zeros((), dy.dtype))
+  correction = coefficient * (global_g[0] + x_hat * global_g[1])
+  g = dy if scale is None else dy * scale
+  if mask is None:
+    dx = inv_std * (g - correction)
+  else:
+    direct = jnp.where(mask | jnp.isfinite(xs), g, jnp.zeros((), g.dtype))
+    dx = inv_std * (direct - jnp.where(mask, correction, jnp.zeros((), g.dtype)))
+  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, d_eps)
+
+
+train_custom_vjp.defvjp(_train_fwd, _train_bwd)
