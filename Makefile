@@ -9,7 +9,7 @@ EXTRAS := test,examples,bench
 LINT_STAMP := $(VENV)/.bnjax-lint-installed
 DOCS_STAMP := $(VENV)/.bnjax-docs-installed
 # What ruff checks; add a folder once `ruff check` passes on it. pyright checks `bnjax/`.
-RUFF_PATHS := bnjax conftest.py docs
+RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py
 
 .PHONY: install test demo bench lint docs clean
 
