@@ -1,19 +1,32 @@
-# bnjax: `make demo` trains the example, `make test` runs the suite, `make bench` the benchmark.
+# bnjax: `make demo` trains the example, `make test` runs the suite, `make bench` the benchmark,
+# `make lint` checks style and types, `make docs` builds the API reference.
 # Each target creates .venv and installs what it needs on first use.
 PYTHON_BOOT ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnjax-installed
 EXTRAS := test,examples,bench
+LINT_STAMP := $(VENV)/.bnjax-lint-installed
+DOCS_STAMP := $(VENV)/.bnjax-docs-installed
+# What ruff checks; add a folder once `ruff check` passes on it. pyright checks `bnjax/`.
+RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench lint docs clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+$(LINT_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e '.[lint]'
+	touch $@
+
+$(DOCS_STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
 	touch $@
 
 install: $(STAMP)
@@ -27,5 +40,17 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
 
+# Both checks run, so one call lists every finding; the target fails if either does.
+lint: $(LINT_STAMP)
+	@status=0; \
+	$(VENV)/bin/ruff check $(RUFF_PATHS) || status=1; \
+	PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(VENV)/bin/pyright --pythonpath $(PY) bnjax || status=1; \
+	exit $$status
+
+# Warnings are errors; the pages land in docs/_build/html (index.html).
+docs: $(DOCS_STAMP)
+	rm -rf docs/_autosummary
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) workdir .pytest_cache
+	rm -rf $(VENV) workdir .pytest_cache docs/_build docs/_autosummary build dist

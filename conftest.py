@@ -1,31 +1,93 @@
 """Suite-wide set-up, for every test path (`tests/`, the doctests in `bnjax/`, `README.md`).
 
 8 simulated CPU devices and strict numerics, set here before JAX is imported, so that running
-`pytest README.md` or `pytest bnjax` alone gets the same settings as the whole suite; and the
-doctest namespace, which holds only what a pasted example would import itself.
+`pytest README.md` or `pytest bnjax` alone gets the same settings as the whole suite.
+
+Doctest namespaces: the docstrings in `bnjax/` get `bnjax`, `jax` and `jnp` supplied, as the
+library's own examples assume them. Each Python block of `README.md` is a doctest of its own that
+starts from an empty namespace, so every block must import what it uses and runs as pasted into a
+fresh Python.
 """
 
+from collections.abc import Iterator
+import doctest
 import os
 import pathlib
+import re
 import sys
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parent
+LIBRARY_DIR = REPO_ROOT / "bnjax"
+README = REPO_ROOT / "README.md"
+
 # The repository's `examples`, `configs` and `benchmarks` packages come from this checkout.
-REPO_ROOT = str(pathlib.Path(__file__).resolve().parent)
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
+if str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
+from _pytest import doctest as pytest_doctest  # noqa: E402  (pytest's doctest item and checker)
 import jax  # noqa: E402  (the device count must be set before JAX is imported)
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (imported with JAX, after the environment is set)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+# A fenced block that starts with "```python" and ends with a line of "```".
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+  """Returns the fenced Python blocks of a Markdown text.
+
+  Args:
+    text: the Markdown source.
+
+  Returns:
+    `(line, code)` pairs in order, `line` the 0-based line of the block's first code line.
+  """
+  return [(text.count("\n", 0, match.start(1)), match.group(1))
+          for match in _PYTHON_BLOCK.finditer(text)]
+
+
+class ReadmeBlocks(pytest_doctest.DoctestTextfile):
+  """README.md as one doctest per Python block, each with a fresh namespace."""
+
+  def collect(self) -> Iterator[pytest_doctest.DoctestItem]:
+    """Yields a doctest item per Python block, named by the block's line."""
+    text = self.path.read_text(encoding="utf-8")
+    runner = pytest_doctest._get_runner(  # noqa: SLF001  (pytest's runner with its checker)
+        verbose=False,
+        optionflags=pytest_doctest.get_optionflags(self.config),
+        checker=pytest_doctest._get_checker(),  # noqa: SLF001  (supports NUMBER)
+        continue_on_failure=False)
+    parser = doctest.DocTestParser()
+    for line, code in python_blocks(text):
+      name = f"{self.path.name}:{line + 1}"
+      test = parser.get_doctest(code, {"__name__": "__main__"}, name, str(self.path), line)
+      if test.examples:
+        yield pytest_doctest.DoctestItem.from_parent(self, name=name, runner=runner, dtest=test)
+
+
+def pytest_collect_file(parent: pytest.Collector,
+                        file_path: pathlib.Path) -> pytest.Collector | None:
+  """Collects the repository's README.md block by block."""
+  if file_path == README:
+    return ReadmeBlocks.from_parent(parent, path=file_path)
+  return None
+
 
 @pytest.fixture(autouse=True)
-def _doctest_namespace(doctest_namespace):
-  import bnjax
+def _doctest_namespace(request: pytest.FixtureRequest,
+                       doctest_namespace: dict[str, object]) -> None:
+  """Supplies `bnjax`, `jax`, `jnp` to the library's doctests, nothing to README.md's."""
   import jax.numpy as jnp
-  doctest_namespace.update(bnjax=bnjax, jax=jax, jnp=jnp)
+
+  import bnjax
+
+  library_names = {"bnjax": bnjax, "jax": jax, "jnp": jnp}
+  for name in library_names:
+    doctest_namespace.pop(name, None)
+  if request.node.path.is_relative_to(LIBRARY_DIR):
+    doctest_namespace.update(library_names)
