@@ -1,31 +1,60 @@
-"""Turns the JSON of `bench.py`'s workers into benchmarks/RESULTS.md and its chart."""
+"""Turns the JSON of `bench.py`'s workers into benchmarks/RESULTS.md and its chart.
+
+Reads only the JSON and the names of `names.py`, `cases.py` and `peers.py` (the row order and the
+descriptions), so `bench.py --render RESULTS.json` redraws a saved run. Each comparison of
+`peers.COMPARISONS` gets its own timing and pass tables; the targets, the allocator table, the
+stack, ResNet and devices tables are batch norm's.
+"""
 
 import math
 import os
 
-from benchmarks.bench import (BNJAX, DESCRIPTIONS, FLAX, FLAX_EXACT, FLOOR, IMPLEMENTATIONS, MODES,
-                              SHAPES, TORCH_CL)
+from benchmarks import names, peers, timing
+from benchmarks.cases import SHAPES, STACK_LAYERS
+from benchmarks.names import BNJAX, FLAX, FLOOR, MODES, TORCH_CL
 
 MIB = 2.0**20
-PEER_MODULES = {"haiku": "Haiku", "equinox": "Equinox", "torch": "PyTorch"}
+BATCH_NORM = peers.BATCH_NORM.name
+PLAN_BANNERS = {
+    names.QUICK: "**Quick run (`--quick`): few rounds, one small shape. Not for quoting.**",
+    names.SMOKE: "**Smoke run (`--smoke`): a tiny shape, 2 rounds, fast compilation; it checks "
+                 "that the pipeline runs. Its numbers mean nothing.**",
+}
 
 
 def _shape(shape):
   return "(" + ",".join(str(d) for d in shape) + ")"
 
 
-def _cell(entry, keys=("vs_flax", "vs_floor")):
+def _cell(entry, keys):
   if not entry or "median_ms" not in entry:
     return "—" if not entry or "error" not in entry else "error"
   ratios = ", ".join(f"{entry[k]:.2f}×" for k in keys if k in entry)
   return f"{entry['median_ms']:.2f} ({ratios})" if ratios else f"{entry['median_ms']:.2f}"
 
 
-def _find(run, shape, dtype, mode):
-  for case in run["micro"]:
+def _comparison_of(case):
+  """The comparison a micro-benchmark entry belongs to (runs before comparisons: batch norm)."""
+  return case.get("comparison", BATCH_NORM)
+
+
+def _plan_of(run):
+  return run.get("plan", names.QUICK if run.get("quick") else names.FULL)
+
+
+def _cases(run, comparison):
+  return [c for c in run["micro"] if _comparison_of(c) == comparison]
+
+
+def _find(run, shape, dtype, mode, comparison=BATCH_NORM):
+  for case in _cases(run, comparison):
     if tuple(case["shape"]) == tuple(shape) and case["dtype"] == dtype and case["mode"] == mode:
       return case
   return None
+
+
+def _prefix(comparison):
+  return f"{comparison.heading}: " if comparison.heading else ""
 
 
 def _ratio(run, shape, mode, impl, key, dtype="float32"):
@@ -47,7 +76,7 @@ def _fmt(values, limit=None, lower_is_better=True):
 
 
 def _targets(runs):
-  """Rows of (target, allocator, measured, met) from the issue's list."""
+  """Rows of (target, allocator, measured, met): bnjax's batch-norm performance goals."""
   rows = []
   big = [s for s in SHAPES[:3]]
   for run in runs:
@@ -60,15 +89,15 @@ def _targets(runs):
       rows.append((target, allocator, text, met))
 
     add(f"fwd+bwd ≤ 0.75× Flax default (float32; {label})",
-        [_ratio(run, s, MODES[1], BNJAX, "vs_flax") for s in shapes], 0.75)
-    add("fwd+bwd ≤ 1.3× bandwidth floor", [_ratio(run, s, MODES[1], BNJAX, "vs_floor")
+        [_ratio(run, s, MODES[1], BNJAX, names.VS_FLAX) for s in shapes], 0.75)
+    add("fwd+bwd ≤ 1.3× bandwidth floor", [_ratio(run, s, MODES[1], BNJAX, names.VS_FLOOR)
                                           for s in shapes], 1.3)
     add("stretch: fwd+bwd ≤ 1.0× torch channels_last",
-        [_ratio(run, s, MODES[1], BNJAX, "vs_torch_cl") for s in shapes], 1.0)
+        [_ratio(run, s, MODES[1], BNJAX, names.VS_TORCH_CL) for s in shapes], 1.0)
     add("forward ≤ 1.05× Flax default (shapes 1–2)",
-        [_ratio(run, s, MODES[0], BNJAX, "vs_flax") for s in shapes[:2]], 1.05)
+        [_ratio(run, s, MODES[0], BNJAX, names.VS_FLAX) for s in shapes[:2]], 1.05)
     add("shape 4 (64,8,8,32) fwd+bwd ≤ 0.7× Flax default",
-        [_ratio(run, SHAPES[3], MODES[1], BNJAX, "vs_flax")], 0.7)
+        [_ratio(run, SHAPES[3], MODES[1], BNJAX, names.VS_FLAX)], 0.7)
     devices = {d["devices"]: d for d in run.get("devices", []) if "impls" in d}
     if 1 in devices and 2 in devices:
       name = "bnjax layer fwd+bwd"
@@ -82,8 +111,8 @@ def _targets(runs):
     bn, flax = stack["impls"].get(BNJAX), stack["impls"].get(FLAX)
     if bn and flax:
       text, met = _fmt([bn["temp"] / flax["temp"]], 0.75)
-      rows.append((f"6-layer stack temp memory ≤ 0.75× Flax ({_shape(stack['shape'])})", "—", text,
-                   met))
+      rows.append((f"{stack['layers']}-layer stack temp memory ≤ 0.75× Flax "
+                   f"({_shape(stack['shape'])})", "—", text, met))
       per_layer = bn["temp"] / stack["full_size_bytes"] / stack["layers"]
       text, met = _fmt([per_layer], 1.0)
       rows.append(("one saved full-size array per layer (stack temp ÷ layers, in arrays)", "—",
@@ -91,22 +120,24 @@ def _targets(runs):
   return rows
 
 
-def _micro_tables(run, lines):
+def _micro_tables(run, comparison, lines):
   for mode in reversed(MODES):
     for dtype in ("float32", "bfloat16"):
-      cases = [c for c in run["micro"] if c["mode"] == mode and c["dtype"] == dtype]
+      cases = [c for c in _cases(run, comparison.name)
+               if c["mode"] == mode and c["dtype"] == dtype]
       if not cases:
         continue
-      lines.append(f"#### {mode}, {dtype}: median ms (× Flax default, × floor)")
+      lines.append(f"#### {_prefix(comparison)}{mode}, {dtype}: median ms "
+                   f"({comparison.shown_label})")
       lines.append("")
       lines.append("| implementation | " + " | ".join(_shape(c["shape"]) for c in cases) + " |")
       lines.append("|---|" + "---|" * len(cases))
-      for impl in IMPLEMENTATIONS:
+      for impl in comparison.names:
         if not any(impl in c["impls"] for c in cases):
           continue
-        name = f"**{impl}**" if impl == BNJAX else impl
-        lines.append(f"| {name} | " + " | ".join(_cell(c["impls"].get(impl)) for c in cases)
-                     + " |")
+        name = f"**{impl}**" if impl == comparison.subject else impl
+        lines.append(f"| {name} | " + " | ".join(
+            _cell(c["impls"].get(impl), comparison.shown) for c in cases) + " |")
       rounds = sorted({c["rounds"] for c in cases})
       lines.append("")
       lines.append(f"Rounds per case: {', '.join(map(str, rounds))}.")
@@ -119,7 +150,8 @@ def _allocator_table(runs, lines):
   if not {"glibc", "tcmalloc"} <= set(by_name):
     return
   glibc, tcmalloc = by_name["glibc"], by_name["tcmalloc"]
-  cases = [c for c in glibc["micro"] if c["dtype"] == "float32" and c["mode"] == MODES[1]]
+  cases = [c for c in _cases(glibc, BATCH_NORM)
+           if c["dtype"] == "float32" and c["mode"] == MODES[1]]
   lines += ["### Allocator effect", "",
             "Forward+backward float32, median ms under glibc ÷ under tcmalloc (the two runs are "
             "separate processes, minutes apart). Above 1: glibc's fresh, page-faulting "
@@ -137,20 +169,25 @@ def _allocator_table(runs, lines):
   lines.append("")
 
 
-def _passes_table(run, lines):
-  cases = [c for c in run["micro"] if c["dtype"] == "float32"]
+def _passes_table(run, comparison, lines):
+  cases = [c for c in _cases(run, comparison.name) if c["dtype"] == "float32"]
+  if not cases:
+    return
+  if comparison.heading:
+    lines += [f"**{comparison.heading}**", ""]
   shapes = []
   for c in cases:
     if tuple(c["shape"]) not in shapes:
       shapes.append(tuple(c["shape"]))
   lines.append("| implementation | " + " | ".join(_shape(s) for s in shapes) + " |")
   lines.append("|---|" + "---|" * len(shapes))
-  for impl in IMPLEMENTATIONS:
+  for impl in comparison.names:
     cells = []
     for shape in shapes:
       parts = []
       for mode in MODES:
-        entry = (_find(run, shape, "float32", mode) or {"impls": {}})["impls"].get(impl, {})
+        entry = (_find(run, shape, "float32", mode, comparison.name)
+                 or {"impls": {}})["impls"].get(impl, {})
         if "passes" in entry:
           temp = entry["memory"]["temp"] / MIB
           worst = entry.get("worst")
@@ -254,8 +291,9 @@ def _errors(runs):
     for case in run.get("micro", []):
       for impl, entry in case["impls"].items():
         if "error" in entry:
-          found.append((where, f"{impl}, {case['mode']} {_shape(case['shape'])} {case['dtype']}",
-                        entry["error"]))
+          what = "" if _comparison_of(case) == BATCH_NORM else f"{_comparison_of(case)} "
+          found.append((where, f"{impl}, {what}{case['mode']} {_shape(case['shape'])} "
+                        f"{case['dtype']}", entry["error"]))
     for stack in run.get("stack_memory", []):
       for impl, error in stack.get("errors", {}).items():
         found.append((where, f"{impl}, {stack['layers']}-layer stack memory", error))
@@ -277,15 +315,16 @@ def chart(path, runs):
   import matplotlib.pyplot as plt
   from matplotlib import ticker
 
-  impls = [i for i in IMPLEMENTATIONS if i != FLAX]
+  impls = [i for i in peers.BATCH_NORM.names if i != FLAX]
   fig, axes = plt.subplots(len(runs), 2, figsize=(14, 4.2 * len(runs)), squeeze=False)
   for row, run in enumerate(runs):
     for col, mode in enumerate(reversed(MODES)):
       ax = axes[row][col]
-      cases = [c for c in run["micro"] if c["mode"] == mode and c["dtype"] == "float32"]
+      cases = [c for c in _cases(run, BATCH_NORM)
+               if c["mode"] == mode and c["dtype"] == "float32"]
       width = 0.8 / len(impls)
       for k, impl in enumerate(impls):
-        values = [c["impls"].get(impl, {}).get("vs_flax", math.nan) for c in cases]
+        values = [c["impls"].get(impl, {}).get(names.VS_FLAX, math.nan) for c in cases]
         positions = [i + (k - len(impls) / 2 + 0.5) * width for i in range(len(cases))]
         ax.bar(positions, values, width, label=impl,
                edgecolor="black" if impl == BNJAX else None, linewidth=1.5)
@@ -303,75 +342,111 @@ def chart(path, runs):
   plt.close(fig)
 
 
-def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
+def _header(runs, notes, date, revision, command, seconds):
+  """The title, how the run was made, and the machine it ran on."""
   first = runs[0]
   machine, versions = first["machine"], first["versions"]
+  plan = _plan_of(first)
   lines = ["# bnjax benchmark results", ""]
-  if first.get("quick"):
-    lines += ["**Quick smoke run (`--quick`): few rounds, small shapes. Not for quoting.**", ""]
-  lines += [
-      f"Produced by `{command}` (`make bench`) on {date}, in {seconds / 60:.1f} minutes; "
-      "bnjax at revision " + ", ".join(
-          f"{r.get('revision', revision)} (sources {r.get('bnjax_digest', '?')}) for {r['allocator']}"
-          for r in runs) + ".", "",
-      "## Machine", "",
-      f"- CPU: {machine['cpu']}, {machine['cores']} cores available; {machine['os']}",
-      "- allocators measured: " + ", ".join(
-          f"{r['expected_allocator']} (in use: {r['allocator']}"
-          + (f", LD_PRELOAD={r['machine']['ld_preload']}" if r["machine"]["ld_preload"] else "")
-          + ")" for r in runs),
-      "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if "not importable" not in v),
-      f"- PyTorch threads: {first['torch_threads']} (`torch.set_num_threads`, the cores XLA:CPU "
-      f"uses), OMP_WAIT_POLICY={machine.get('omp_wait_policy')}" if first["torch_threads"]
-      else "- PyTorch threads: n/a",
-  ]
+  if plan in PLAN_BANNERS:
+    lines += [PLAN_BANNERS[plan], ""]
+  revisions = ", ".join(f"{r.get('revision', revision)} (sources {r.get('bnjax_digest', '?')}) "
+                        f"for {r['allocator']}" for r in runs)
+  make = " (`make bench`)" if plan == names.FULL else ""
+  lines += [f"Produced by `{command}`{make} on {date}, in {seconds / 60:.1f} minutes; "
+            f"bnjax at revision {revisions}.", "", "## Machine", ""]
+  lines.append(f"- CPU: {machine['cpu']}, {machine['cores']} cores available; {machine['os']}")
+  lines.append("- allocators measured: " + ", ".join(
+      f"{r['expected_allocator']} (in use: {r['allocator']}"
+      + (f", LD_PRELOAD={r['machine']['ld_preload']}" if r["machine"]["ld_preload"] else "")
+      + ")" for r in runs))
+  lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()
+                                          if "not importable" not in v))
+  if first["torch_threads"]:
+    lines.append(f"- PyTorch threads: {first['torch_threads']} (`torch.set_num_threads`, the cores "
+                 f"XLA:CPU uses), OMP_WAIT_POLICY={machine.get('omp_wait_policy')}")
+  else:
+    lines.append("- PyTorch threads: n/a")
   lines.append("- machine load (1-minute load average at the start and end of each allocator's "
-               "run; above the core count, other processes were competing for the cores): " + ", ".join(
-                   f"{r['allocator']} {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}"
-                   for r in runs if "load_after" in r))
+               "run; above the core count, other processes were competing for the cores): "
+               + ", ".join(f"{r['allocator']} {r['load_before'][0]:.1f} → "
+                           f"{r['load_after'][0]:.1f}" for r in runs if "load_after" in r))
   missing = {m: reason for m, reason in first["peers"].items() if reason}
   if missing:
     lines.append("- **peers that could not be imported (left out of every table): "
-                 + "; ".join(f"{PEER_MODULES[m]} (`{reason}`)" for m, reason in missing.items())
-                 + "**")
-  else:
+                 + "; ".join(f"{names.OPTIONAL_MODULES[m]} (`{reason}`)"
+                             for m, reason in missing.items()) + "**")
+  if set(first["peers"]) != set(names.OPTIONAL_MODULES):  # a plan that leaves peers out.
+    measured = dict.fromkeys(i for c in peers.COMPARISONS for i in c.names
+                             if any(i in case["impls"] for case in _cases(first, c.name)))
+    lines.append("- implementations measured (the others were left out of this run): "
+                 + ", ".join(measured))
+  elif not missing:
     lines.append("- all peers imported: Flax (linen, nnx), Haiku, Equinox, PyTorch")
   for r in runs:
     if r.get("bnjax_digest") != r.get("bnjax_digest_after"):
       notes = list(notes) + [f"bnjax's sources changed during the {r['allocator']} run: its "
                              "numbers may mix two versions."]
-  for note in notes:
-    lines.append(f"- **{note}**")
-  lines += ["", "## Targets (issue 4)", "",
-            "Ratios are float32 medians of per-round ratios; a list gives one value per shape.", "",
-            "| target | allocator | measured | met |", "|---|---|---|---|"]
-  for target, allocator, measured, met in _targets(runs):
-    lines.append(f"| {target} | {allocator} | {measured} | {met} |")
-  lines += ["", f"![bnjax and peers, time relative to Flax]({os.path.basename(chart_path)})", "",
-            "## Implementations", ""]
-  for impl in IMPLEMENTATIONS:
-    lines.append(f"- **{impl}**: {DESCRIPTIONS[impl]}")
+  lines += [f"- **{note}**" for note in notes]
+  return lines
+
+
+def _implementations(runs):
+  """Each comparison's implementations with their descriptions, and how they were run."""
+  lines = ["## Implementations", ""]
+  for comparison in peers.COMPARISONS:
+    if comparison.heading:  # batch norm's list comes first, without a heading.
+      if not any(_cases(run, comparison.name) for run in runs):
+        continue
+      lines += ["", f"{comparison.heading}:", ""]
+    lines += [f"- **{impl.name}**: {impl.description}" for impl in comparison.implementations]
   lines += [
       "", "Every JAX implementation is jitted and compiled before timing; parameters are float32 "
       "except Haiku's and Equinox's, which follow the input dtype. Forward returns "
       "`(y, new_state)`; forward+backward returns `(y, (dx, dparams), new_state)` for a given dy "
       "(`jax.vjp`; PyTorch: `autograd.grad(y, (x, weight, bias), dy)`).", "",
       "Method: rounds run every implementation once each in a rotated order; a sample repeats a "
-      "call until it lasts 5 ms; medians over rounds; ratios are the median over rounds of "
-      "(time ÷ reference time in the same round). The machine is shared and noisy: compare "
-      "ratios, not absolute times.", "",
-      "## Micro-benchmarks", ""]
+      f"call until it lasts {timing.SAMPLE_SECONDS * 1e3:g} ms; medians over rounds; ratios are "
+      "the median over rounds of (time ÷ reference time in the same round). The machine is "
+      "shared and noisy: compare ratios, not absolute times.", ""]
+  return lines
+
+
+def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
+  """Writes the Markdown report `out` and the chart `chart_path` for `runs` (one per allocator).
+
+  Args:
+    out: the Markdown file to write.
+    chart_path: the PNG chart to write (the report links it by its base name).
+    runs: one worker's JSON per allocator, as `bench.py` saves them under "runs".
+    notes: lines to print in bold under the machine description.
+    date, revision, command, seconds: when, at which revision, how and how long the run was made.
+  """
+  lines = _header(runs, notes, date, revision, command, seconds)
+  lines += ["", "## Targets", "",
+            "The speed and memory goals set for bnjax's batch norm, each with what this run "
+            "measured. Ratios are float32 medians of per-round ratios; a list gives one value per "
+            "shape.", "",
+            "| target | allocator | measured | met |", "|---|---|---|---|"]
+  for target, allocator, measured, met in _targets(runs):
+    lines.append(f"| {target} | {allocator} | {measured} | {met} |")
+  lines += ["", f"![bnjax and peers, time relative to Flax]({os.path.basename(chart_path)})", ""]
+  lines += _implementations(runs)
+  lines += ["## Micro-benchmarks", ""]
   for run in runs:
     lines += [f"### Allocator: {run['allocator']}", ""]
-    _micro_tables(run, lines)
+    for comparison in peers.COMPARISONS:
+      _micro_tables(run, comparison, lines)
   _allocator_table(runs, lines)
   lines += ["## What XLA compiled (float32)", "",
             "Full-size passes: kernels of the compiled program that read or write an array of "
             "the activation's size (R reads, W writes, from `benchmarks/hlo.py`), and the "
             "compiled temporary memory, for forward / forward+backward. Where a program has "
             "a `lax.cond`, the count follows the cheapest branch and the dearest is added.", ""]
-  _passes_table(first, lines)
-  lines += ["## Memory of a 6-layer stack", ""]
+  for comparison in peers.COMPARISONS:
+    _passes_table(runs[0], comparison, lines)
+  stacks = runs[0].get("stack_memory") or [{"layers": STACK_LAYERS}]
+  lines += [f"## Memory of a {stacks[0]['layers']}-layer stack", ""]
   _stack_table(runs, lines)
   lines += ["## ResNet-style training step", ""]
   _resnet_table(runs, lines)

@@ -1,0 +1,42 @@
+"""Names and settings shared by the benchmark's measuring side and its report.
+
+The workers write these names into the JSON and `report.py` reads them back to lay out its tables;
+both import this module and neither imports the other. Nothing here imports JAX.
+"""
+
+# Implementations (rows of the tables; keys of each case's "impls" in the JSON).
+BNJAX = "bnjax"
+FLAX = "flax.linen"
+FLAX_EXACT = "flax.linen exact"
+NNX = "flax.nnx"
+HAIKU = "haiku"
+EQUINOX = "equinox"
+TORCH_CL = "torch channels_last"
+TORCH_NCHW = "torch NCHW"
+FLOOR = "floor"
+FLOOR_STATS = "floor+stats"
+AUTODIFF_REFERENCE = "autodiff reference"  # only in the stack-memory table.
+
+# Optional peer libraries: module name -> the name the report gives it. A peer whose module does
+# not import is left out of every table and named in the report.
+OPTIONAL_MODULES = {"haiku": "Haiku", "equinox": "Equinox", "torch": "PyTorch"}
+
+# What each micro-benchmark program computes, in training mode: forward is `(y, new_state)`;
+# forward+backward adds the gradients for a given dy, one layer's work in a training step.
+FORWARD = "forward"
+FORWARD_BACKWARD = "forward+backward"
+MODES = (FORWARD, FORWARD_BACKWARD)
+
+# Ratio keys of a micro-benchmark entry: its time ÷ the named implementation's, same round.
+VS_FLAX = "vs_flax"
+VS_FLOOR = "vs_floor"
+VS_TORCH_CL = "vs_torch_cl"
+
+# Layer hyper-parameters every implementation uses (the new batch's weight is 1 - MOMENTUM).
+MOMENTUM = 0.99
+EPSILON = 1e-5
+
+# The run plans (`cases.PLANS`): the full run of `make bench`, `--quick` and `--smoke`.
+FULL = "full"
+QUICK = "quick"
+SMOKE = "smoke"
