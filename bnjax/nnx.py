@@ -82,6 +82,7 @@ class BatchNorm(nnx.Module):
   Raises:
     ValueError: at the call, if the input's feature shape is not ``num_features``, neither the
       constructor nor the call sets ``use_running_average``, or training sees one value per channel.
+    TypeError: at the call, if ``use_running_average`` is traced or ``mask`` is not boolean.
 
   Examples:
     >>> from flax import nnx
@@ -175,6 +176,11 @@ class BatchNorm(nnx.Module):
           f"{_WHERE}: `use_running_average` is None in both the constructor and the call; set it "
           "in one of them, call `model.train()` / `model.eval()`, or use "
           "`nnx.view(model, use_running_average=...)`.")
+    if isinstance(use_running_average, jax.core.Tracer):
+      raise TypeError(
+          f"{_WHERE}: `use_running_average` must be a Python bool, not a traced value: it selects "
+          "a different computation. Pass it as a static argument (e.g. "
+          "`nnx.jit(step, static_argnames='use_running_average')`) or set it with `model.eval()`.")
     x = jnp.asarray(x)
     feature_axes = _checks.canonical_axes(x.ndim, self.axis, _WHERE)
     feature_shape = tuple(x.shape[a] for a in feature_axes)

@@ -454,6 +454,19 @@ def test_bad_num_features_raises(num_features):
     bnjax.nnx.BatchNorm(num_features, rngs=nnx.Rngs(0))
 
 
+def test_traced_use_running_average_raises_naming_it():
+  layer = bnjax.nnx.BatchNorm(5, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="`use_running_average` must be a Python bool"):
+    nnx.jit(lambda layer, flag: layer(_x(25), use_running_average=flag))(layer, jnp.bool_(True))
+
+
+def test_axis_index_groups_lists_are_stored_hashable():
+  layer = bnjax.nnx.BatchNorm(5, axis_name="data", axis_index_groups=[[0, 1], [2, 3]],
+                              rngs=nnx.Rngs(0))
+  assert layer.axis_index_groups == ((0, 1), (2, 3))
+  hash(nnx.graphdef(layer))  # `nnx.jit` keys its cache on the graph definition.
+
+
 def test_one_value_per_channel_in_training_raises():
   with pytest.raises(ValueError, match="more than 1 value per channel"):
     bnjax.nnx.BatchNorm(5, rngs=nnx.Rngs(0))(_x(23, (1, 5)))

@@ -10,6 +10,7 @@ import pytest
 import bnjax
 from bnjax import interop
 from bnjax.interop import torch as bnjax_torch
+from tests import flax_free
 
 F32 = dict(atol=2e-5, rtol=2e-5)
 # Channels-first input shapes of BatchNorm1d (2-D and 3-D input), BatchNorm2d and BatchNorm3d.
@@ -71,6 +72,11 @@ def _batch(shape, seed):
 _bn = jax.jit(bnjax.batch_norm, static_argnames=("train", "axis", "unbiased_running_var"))
 
 VARIANTS = {"affine": {}, "no-bias": dict(bias=False), "no-affine": dict(affine=False)}
+
+
+def test_interop_module_imports_neither_flax_nor_torch():
+  imported = flax_free.external_imports("bnjax.interop.torch")
+  assert not {"flax", "torch"} & imported and "numpy" in imported
 
 
 # --- Against PyTorch's documented rule (always runs) ----------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 import bnjax
 from bnjax import tools
+from tests import flax_free
 from tests import reference
 
 F32 = dict(atol=2e-5, rtol=2e-5)
@@ -30,6 +31,11 @@ def _random_norm(seed, channels, affine=True):
   state = bnjax.BatchNormState(f32(rng.normal(0.0, 2.0, channels)),
                                f32(rng.uniform(0.1, 3.0, channels)))
   return params, state
+
+
+def test_fold_module_imports_no_flax():
+  imported = flax_free.external_imports("bnjax.tools.fold")
+  assert "flax" not in imported and {"jax", "numpy"} & imported
 
 
 # --- One layer ------------------------------------------------------------------------------------
