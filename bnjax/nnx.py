@@ -51,6 +51,9 @@ class BatchNorm(nnx.Module):
   computed in at least float32 and the running statistics stay float32. ``use_fast_variance`` is
   accepted so existing code runs unchanged; bnjax's variance is always exact.
 
+  Sources: Ioffe & Szegedy, "Batch Normalization" (2015), for the formula; ``flax.nnx.BatchNorm``
+  (flax 0.12.8, ``flax/nnx/nn/normalization.py``) for the interface it reproduces.
+
   Args:
     num_features: the number of channels (the size of ``x`` along ``axis``), or a tuple of sizes
       when ``axis`` is a tuple.

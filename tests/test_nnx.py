@@ -408,6 +408,27 @@ def test_nnx_shard_map_equals_the_global_batch():
   np.testing.assert_allclose(y, single(x), **F32)
 
 
+def test_shard_map_with_uneven_masks_equals_the_global_masked_batch():
+  # Devices hold 1 to 8 valid rows: statistics are weighted by counts, not averaged per device.
+  mesh = _mesh()
+  x = _x(26, (64, 3), loc=4.0)
+  mask = jnp.asarray(np.arange(64) % 8 <= np.arange(64) // 8)[:, None]
+  layer = bnjax.nnx.BatchNorm(3, axis_name="data", momentum=0.5, rngs=nnx.Rngs(0))
+  sharding = NamedSharding(mesh, P("data"))
+
+  @nnx.jit
+  @nnx.shard_map(mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data"))
+  def forward(model, x, mask):
+    return model(x, mask=mask)
+
+  y = forward(layer, jax.device_put(x, sharding), jax.device_put(mask, sharding))
+  y_ref, mean, var = reference.train_step(x, np.zeros(3), np.ones(3), momentum=0.5, mask=mask)
+  valid = np.broadcast_to(np.asarray(mask), x.shape)
+  np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], **F32)
+  np.testing.assert_allclose(layer.mean[...], mean, **F32)
+  np.testing.assert_allclose(layer.var[...], var, **F32)
+
+
 def test_jax_shard_map_data_parallel_train_step_equals_the_global_batch():
   mesh = _mesh()
   x = _x(20, (64, 6))

@@ -32,6 +32,9 @@ NumPy arrays in, NumPy-compatible arrays out; this module never unpickles anythi
 ``{k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}``, or read a safetensors
 file with ``safetensors.numpy.load_file(path)``; go back with
 ``module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+
+Source: PyTorch's ``torch.nn.BatchNorm2d`` documentation (the update rule, the unbiased running
+variance, ``momentum=None``) and ``torch/nn/modules/batchnorm.py`` (the buffers and parameters).
 """
 
 from collections.abc import Callable, Mapping

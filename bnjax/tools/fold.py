@@ -19,6 +19,9 @@ Kernel layouts (Flax's): ``Dense`` ``(in, out)``, ``Conv`` ``(*window, in // gro
 ``ConvTranspose(transpose_kernel=True)`` stores ``(*window, out, in)``: pass ``out_axis=-2``.
 
 This module imports no flax: it works on plain arrays and nested dicts.
+
+Source: the same algebra as PyTorch's ``torch.nn.utils.fusion`` (``fuse_conv_bn_weights``,
+``fuse_linear_bn_weights``), there for PyTorch's ``(out, in, ...)`` layouts.
 """
 
 from collections.abc import Iterable, Mapping, Sequence

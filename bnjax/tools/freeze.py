@@ -25,6 +25,10 @@ How norm layers are recognised (and the limits):
   cannot tell, since a LayerNorm also has ``scale``/``bias``: the rule needs ``batch_stats``.
   Any other module that keeps exactly that layout is taken for a batch norm; a batch norm
   without running statistics is not seen.
+
+Sources: torchvision's and detectron2's ``FrozenBatchNorm2d`` (running statistics and affine
+parameters as buffers); Wu & He, "Group Normalization" (2018), on freezing batch norm when
+fine-tuning with small per-device batches.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -106,7 +110,8 @@ def norm_params_mask(variables: Mapping[str, Any],
   """A tree shaped like ``variables['params']``: True on every norm layer's ``scale`` and ``bias``.
 
   Args:
-    variables: a linen variable tree with ``params`` (and ``batch_stats`` for the structural rule).
+    variables: a linen variable tree with ``params`` (and ``batch_stats`` for the structural rule);
+      with ``norm_paths``, the ``params`` tree alone will do.
     norm_paths: the norm layers' paths (from `norm_layer_paths`, or written by hand as tuples or
       ``'a/b'`` strings). If None, layers are recognised by structure: ``params`` holding only
       ``scale``/``bias`` where ``batch_stats`` holds ``mean`` and ``var`` (see the module doc).
@@ -116,8 +121,9 @@ def norm_params_mask(variables: Mapping[str, Any],
     ``optax.masked(..., mask)``.
 
   Raises:
-    ValueError: if ``variables`` has no ``params``, if ``norm_paths`` is None and there is no
-      ``batch_stats`` to recognise layers by, or if a given path is not in ``params``.
+    ValueError: if ``variables`` has no ``params`` (and no ``norm_paths`` are given), if
+      ``norm_paths`` is None and there is no ``batch_stats`` to recognise layers by, or if a given
+      path is not in ``params``.
 
   Examples:
     >>> import flax.linen as nn
@@ -131,7 +137,11 @@ def norm_params_mask(variables: Mapping[str, Any],
     >>> mask['BatchNorm_0'], mask['Dense_0']
     ({'scale': True, 'bias': True}, {'kernel': False, 'bias': False})
   """
-  params = _mapping_at(variables, "params", "variables")
+  if norm_paths is not None and isinstance(variables, Mapping) and not isinstance(
+      variables.get("params"), Mapping):
+    params = variables  # A bare params tree: the paths say which layers are norms.
+  else:
+    params = _mapping_at(variables, "params", "variables")
   if norm_paths is None:
     if "batch_stats" not in variables:
       raise ValueError(

@@ -81,6 +81,8 @@ def test_type_based_paths_find_the_same_layers():
   assert tools.norm_params_mask(variables, paths) == tools.norm_params_mask(variables)
   assert tools.norm_params_mask(variables, ["block1/bn", "block2/bn"]) == tools.norm_params_mask(
       variables)
+  # With the paths, the params tree alone will do.
+  assert tools.norm_params_mask(variables["params"], paths) == tools.norm_params_mask(variables)
 
 
 def test_labels_name_norm_parameters_and_the_rest():
