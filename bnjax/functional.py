@@ -303,7 +303,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       pivot_shared=(axis_name is not None
                     and distributed.typed_invariant(running_mean, axis_name, x)),
       count_shape=count_shape, where=_WHERE)
-  train_fn = _standardize.train_custom_vjp if custom_vjp else _standardize.train
+  train_fn = _standardize.jitted_train(custom_vjp)
   y, moments = train_fn(config, x, mask, scale, bias, lax.stop_gradient(running_mean),
                         lax.stop_gradient(running_var), epsilon)
   new_state, updated = update_running_stats(
