@@ -168,3 +168,65 @@ def check_values_per_channel(local_count: Any, devices: int, where: str) -> None
 
 def static_count(x_shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:
   return math.prod(x_shape[a] for a in reduce_axes)
+
+
+# ----------------------------------------------------------------------------- running-statistics variants
+# (cumulative average, Batch Renormalization, ghost batches)
+
+
+def check_cumulative_state(state: Any, where: str) -> None:
+  """``momentum=None`` (the cumulative average) needs a state with an integer ``count``."""
+  count = update_counter(state)
+  if count is None:
+    fail(where, "`momentum` must be a number in [0, 1], or None for the cumulative average of "
+         "all batch statistics (PyTorch's `momentum=None`), which needs a counter of updates in "
+         f"the running statistics; got None, and this state has none ({type(state).__name__} with fields {getattr(state, '_fields', '?')}). Create "
+         "it with `bnjax.init(num_features, cumulative=True)` (a `bnjax.CumulativeState`); the "
+         "modules add a `count` to their statistics themselves when `momentum=None`. Otherwise pass "
+         "a number in [0, 1] as `momentum`.", TypeError)
+  if not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+    fail(where, f"`state.count` must be an integer array (updates per channel); got dtype "
+         f"{jnp.result_type(count)}.", TypeError)
+  if np.shape(count) != np.shape(state.mean):
+    fail(where, f"`state.count` must have the shape of `state.mean`, {np.shape(state.mean)}; got "
+         f"{np.shape(count)}. Create the state with `bnjax.init(num_features, cumulative=True)`.")
+
+
+def update_counter(state: Any) -> Any:
+  """The ``count`` field of a running state, or None (a NamedTuple's ``count`` method is not it)."""
+  return state.count if "count" in getattr(state, "_fields", ()) else None
+
+
+def check_renorm(r_max: Any, d_max: Any, where: str) -> tuple[Any, Any] | None:
+  """Batch Renormalization's clipping bounds: both or neither; concrete values in range."""
+  if r_max is None and d_max is None:
+    return None
+  if r_max is None or d_max is None:
+    fail(where, "Batch Renormalization needs both `renorm_r_max` and `renorm_d_max`; got "
+         f"renorm_r_max={r_max!r}, renorm_d_max={d_max!r}. `renorm_r_max=1, renorm_d_max=0` is "
+         "batch norm, the paper's start; `inf` switches a clip off.")
+  _check_number(r_max, "renorm_r_max", where, "a scalar >= 1 (r is clipped to [1/r_max, r_max])",
+                lambda v: v >= 1.0)
+  _check_number(d_max, "renorm_d_max", where, "a scalar >= 0 (d is clipped to [-d_max, d_max])",
+                lambda v: v >= 0.0)
+  for name, value in (("renorm_r_max", r_max), ("renorm_d_max", d_max)):
+    if np.ndim(value) != 0:
+      fail(where, f"`{name}` must be a scalar; got shape {np.shape(value)}.")
+  return r_max, d_max
+
+
+def check_ghost_batch_size(ghost_batch_size: Any, x_shape: tuple[Any, ...],
+                           feature_axes: tuple[int, ...], where: str) -> int:
+  """The ghost batch size: a positive int, ghosts along axis 0, which must be a batch axis."""
+  if (isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, numbers.Integral)
+      or ghost_batch_size < 1):
+    fail(where, f"`ghost_batch_size` must be a positive int (examples per ghost batch) or None; "
+         f"got {ghost_batch_size!r}.", TypeError if not isinstance(ghost_batch_size, numbers.Real)
+         else ValueError)
+  if 0 in feature_axes:
+    fail(where, f"ghost batches split the leading batch axis 0, but `axis`={feature_axes} makes "
+         "axis 0 a feature axis. Put the batch first, or leave `ghost_batch_size` None.")
+  if not isinstance(x_shape[0], numbers.Integral):
+    fail(where, f"`ghost_batch_size` needs a static batch size; `x` has the symbolic leading "
+         f"size {x_shape[0]}.")
+  return int(ghost_batch_size)

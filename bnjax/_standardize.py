@@ -49,6 +49,10 @@ class TrainConfig(NamedTuple):
   pivot_shared: bool  # the fallback mean is provably equal on every device: a shared pivot.
   count_shape: tuple[int, ...] | None  # how counts travel across devices; None: uniform, no mask.
   where: str  # the public function's name, for errors.
+  # Batch Renormalization: `train`'s `renorm_clip` is ``(r_max, d_max)`` (see the module doc).
+  renorm: bool = False
+  # Axis 0 of `x` indexes ghost batches, each normalised with its own (device-local) statistics.
+  ghost: bool = False
 
 
 def centre(x, mask, centre_, delta):
@@ -71,54 +75,101 @@ def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
 
 
 def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
-  """Global moments, and the centre, delta and variance to normalise with.
+  """The moments for the running update, and the count, centre, delta and variance to normalise
+  with (with ghost batches, one of each per ghost batch: its own, on this device).
 
   Channels without any valid value are normalised with the fallback (running) statistics.
   """
   moments = stats.local_moments(x, mask, config.reduce_axes, config.route)
   uniform = None if mask is not None else math.prod(x.shape[a] for a in config.reduce_axes)
+  per_ghost = moments
+  if config.ghost:  # the update takes the exact statistics of the whole batch.
+    moments = jax.tree.map(lambda v: v[None], stats.merge_moments(per_ghost, axis=0))
+    uniform = None if uniform is None else uniform * x.shape[0]
   moments = distributed.combine_moments(
       moments, config.axis_name, config.axis_index_groups,
       shared_pivot=fallback_mean if config.pivot_shared else None, uniform_count=uniform,
       count_shape=config.count_shape, route=config.route)
-  has_data = moments.count > 0
-  fallback_mean = stats.align(fallback_mean, moments.pivot)
-  fallback_var = stats.align(fallback_var, moments.pivot)
-  centre_ = jnp.where(has_data, moments.pivot, fallback_mean)
-  delta = jnp.where(has_data, moments.delta, jnp.zeros((), x.dtype))
-  var = jnp.where(has_data, moments.var, fallback_var)
-  return moments, centre_, delta, var
+  normalising = per_ghost if config.ghost else moments
+  has_data = normalising.count > 0
+  fallback_mean = stats.align(fallback_mean, normalising.pivot)
+  fallback_var = stats.align(fallback_var, normalising.pivot)
+  centre_ = jnp.where(has_data, normalising.pivot, fallback_mean)
+  delta = jnp.where(has_data, normalising.delta, jnp.zeros((), x.dtype))
+  var = jnp.where(has_data, normalising.var, fallback_var)
+  return moments, normalising.count, centre_, delta, var
 
 
-def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def renorm_correction(mean, var, running_mean, running_var, epsilon, r_max=None, d_max=None):
+  """Batch Renormalization's corrections, without gradient (Ioffe 2017, Algorithm 1).
+
+      r = clip(sqrt(var + epsilon) / sqrt(running_var + epsilon), 1 / r_max, r_max)
+      d = clip((mean - running_mean) / sqrt(running_var + epsilon), -d_max, d_max)
+
+  ``x_hat * r + d`` is the input standardised with the running statistics wherever no clip is
+  active. The running standard deviation is that of the running variance (which evaluation uses),
+  not a separate average of standard deviations as in the paper. Without `r_max` (`d_max`), ``r``
+  (``d``) is not clipped: the drift of the batch from the running statistics.
+  """
+  inv_running_std = lax.rsqrt(running_var + epsilon)
+  r = jnp.sqrt(var + epsilon) * inv_running_std
+  d = (mean - running_mean) * inv_running_std
+  if r_max is not None:
+    r = jnp.clip(r, 1 / r_max, r_max)
+  if d_max is not None:
+    d = jnp.clip(d, -d_max, d_max)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _renormalized(scale, bias, centre_, delta, var, fallback_mean, fallback_var, epsilon,
+                  renorm_clip):
+  """The scale and bias of ``scale * (x_hat * r + d) + bias``, and ``(r, d)``."""
+  r, d = renorm_correction(centre_ + delta, var, fallback_mean, fallback_var, epsilon,
+                           *renorm_clip)
+  shift = d if scale is None else scale * d
+  return (r if scale is None else scale * r), (shift if bias is None else bias + shift), r, d
+
+
+def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
+          renorm_clip=None):
   """Training-mode standardisation, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
   x = x.astype(config.stats_dtype)
-  moments, centre_, delta, var = _statistics(config, x, mask, fallback_mean, fallback_var)
+  moments, _, centre_, delta, var = _statistics(config, x, mask, fallback_mean, fallback_var)
+  if config.renorm:
+    scale, bias, _, _ = _renormalized(scale, bias, centre_, delta, var, fallback_mean,
+                                      fallback_var, epsilon, renorm_clip)
   y = normalize(x, mask, centre_, delta, var, scale, bias, epsilon)
   return y.astype(config.out_dtype), jax.tree.map(lax.stop_gradient, moments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
+                     renorm_clip=None):
   """`train` with the closed-form backward; the statistics it returns carry no gradient.
 
-  `fallback_mean` and `fallback_var` must carry no gradient (the caller stops it).
+  `fallback_mean`, `fallback_var` and `renorm_clip` must carry no gradient (the caller stops it).
   """
-  return train(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon)
+  return train(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon, renorm_clip)
 
 
-def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
+               renorm_clip=None):
   xs = x.astype(config.stats_dtype)
-  moments, centre_, delta, var = _statistics(config, xs, mask, fallback_mean, fallback_var)
-  y = normalize(xs, mask, centre_, delta, var, scale, bias, epsilon)
+  moments, count, centre_, delta, var = _statistics(config, xs, mask, fallback_mean, fallback_var)
+  r = d = None
+  y_scale, y_bias = scale, bias
+  if config.renorm:
+    y_scale, y_bias, r, d = _renormalized(scale, bias, centre_, delta, var, fallback_mean,
+                                          fallback_var, epsilon, renorm_clip)
+  y = normalize(xs, mask, centre_, delta, var, y_scale, y_bias, epsilon)
   inv_std = lax.rsqrt(var + epsilon)
   # x (in its own dtype), the mask and per-channel values are kept for the backward pass.
   mean = centre_ + delta
   raw_sums_ok = stats.is_precise(var + epsilon + mean * mean, var + epsilon)
   group = (None if config.axis_name is None
            else distributed.group_index(config.axis_name, config.axis_index_groups))
-  residuals = (x, mask, scale, bias, epsilon, centre_, delta, inv_std, moments.count, raw_sums_ok,
-               group)
+  residuals = (x, mask, scale, bias, epsilon, centre_, delta, inv_std, count, raw_sums_ok,
+               group, r, d)
   return (y.astype(config.out_dtype), moments), residuals
 
 
@@ -160,35 +211,50 @@ def _train_bwd(config, residuals, cotangents):
   `bias` and `epsilon` are this device's own sums, summed over the mesh axes they are replicated
   on (`shard_map`), as autodiff gives them.
   """
-  x, mask, scale, bias, epsilon, centre_, delta, inv_std, count, raw_sums_ok, group = residuals
+  (x, mask, scale, bias, epsilon, centre_, delta, inv_std, count, raw_sums_ok, group, r,
+   d) = residuals
+  has_scale = scale is not None
+  if config.renorm:  # y = scale * (x_hat * r + d) + bias, r and d constant: x_hat's is scale * r.
+    scale = r if scale is None else scale * r
   dy = cotangents[0].astype(config.stats_dtype)
   xs = x.astype(config.stats_dtype)
   sum_dy, sum_dy_xhat = _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok)
   local = jnp.stack([sum_dy, sum_dy_xhat])
-  named = frozenset(distributed.axis_names(config.axis_name)) if config.axis_name else frozenset()
-  reuse = config.axis_index_groups is None and config.axis_name is not None
+  # Ghost batches are normalised on their own device: their sums are not all-reduced.
+  axis_name = None if config.ghost else config.axis_name
+  named = frozenset(distributed.axis_names(axis_name)) if axis_name else frozenset()
+  reuse = config.axis_index_groups is None and axis_name is not None
   if config.scale_invariant:
     # scale is the same on every device: sum first, scale after, and the parameters' sums (over
     # the same axes) come for free.
-    unscaled = distributed.sum_over_devices(local, config.axis_name, config.axis_index_groups,
-                                            group)
+    unscaled = distributed.sum_over_devices(local, axis_name, config.axis_index_groups, group)
     global_g = unscaled if scale is None else unscaled * scale[None]
   else:
     global_g = distributed.sum_over_devices(local if scale is None else local * scale[None],
-                                            config.axis_name, config.axis_index_groups, group)
+                                            axis_name, config.axis_index_groups, group)
     unscaled = None
 
-  def param_sum(local_sum, index, sum_axes):
+  def param_sum(local_sum, from_global, sum_axes):
+    if config.ghost:  # one sum over every ghost batch.
+      local_sum = jnp.sum(local_sum, axis=0, keepdims=True)
     if not sum_axes:
       return local_sum
     if reuse and unscaled is not None and frozenset(sum_axes) == named:
-      return unscaled[index]
+      return from_global(unscaled)
     return distributed.sum_over_axes(local_sum, sum_axes)
 
-  d_scale = None if scale is None else param_sum(sum_dy_xhat, 1, config.scale_sum_axes)
-  d_bias = None if bias is None else param_sum(sum_dy, 0, config.bias_sum_axes)
+  if not has_scale:
+    d_scale = None
+  elif config.renorm:  # d scale = sum(dy * (x_hat * r + d)); r, d as invariant as scale here.
+    d_scale = param_sum(r * sum_dy_xhat + d * sum_dy, lambda u: r * u[1] + d * u[0],
+                        config.scale_sum_axes)
+  else:
+    d_scale = param_sum(sum_dy_xhat, lambda u: u[1], config.scale_sum_axes)
+  d_bias = None if bias is None else param_sum(sum_dy, lambda u: u[0], config.bias_sum_axes)
   # dy/d(epsilon) = -scale * x_hat * inv_std**2 / 2 at every position.
   d_eps_channels = -0.5 * inv_std * inv_std * (sum_dy_xhat if scale is None else sum_dy_xhat * scale)
+  if config.ghost:
+    d_eps_channels = jnp.sum(d_eps_channels, axis=0, keepdims=True)
   # epsilon is a scalar or has x's rank (per channel).
   d_eps = d_eps_channels if epsilon.ndim else jnp.sum(d_eps_channels)
   d_eps = distributed.sum_over_axes(d_eps.astype(epsilon.dtype), config.epsilon_sum_axes)
@@ -203,7 +269,7 @@ def _train_bwd(config, residuals, cotangents):
   else:
     direct = jnp.where(mask | jnp.isfinite(xs), g, jnp.zeros((), g.dtype))
     dx = inv_std * (direct - jnp.where(mask, correction, jnp.zeros((), g.dtype)))
-  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, d_eps)
+  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, d_eps, None)
 
 
 train_custom_vjp.defvjp(_train_fwd, _train_bwd)

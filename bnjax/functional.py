@@ -14,13 +14,14 @@ from bnjax import _checks
 from bnjax import _standardize
 from bnjax import distributed
 from bnjax import stats
-from bnjax.types import BatchNormParams, BatchNormState, BatchStats
+from bnjax.types import BatchNormParams, BatchNormState, BatchStats, CumulativeState
 
 _WHERE = "bnjax.batch_norm"
 
 
 def init(num_features: int | Sequence[int], *, dtype: Any = jnp.float32, use_scale: bool = True,
-         use_bias: bool = True) -> tuple[BatchNormParams, BatchNormState]:
+         use_bias: bool = True, cumulative: bool = False
+         ) -> tuple[BatchNormParams, BatchNormState | CumulativeState]:
   """Creates the parameters and running statistics of a batch-norm layer.
 
   Args:
@@ -29,9 +30,12 @@ def init(num_features: int | Sequence[int], *, dtype: Any = jnp.float32, use_sca
     dtype: the dtype of ``scale`` and ``bias``. The running statistics are always float32.
     use_scale: if False, ``params.scale`` is None (no γ).
     use_bias: if False, ``params.bias`` is None (no β).
+    cumulative: return a `CumulativeState`, whose per-channel ``count`` of updates
+      ``momentum=None`` (the cumulative average) needs.
 
   Returns:
-    ``(params, state)``: scale ones and bias zeros; running mean zeros and running variance ones.
+    ``(params, state)``: scale ones and bias zeros; running mean zeros and running variance ones
+    (and a zero int32 ``count`` with ``cumulative=True``).
 
   Raises:
     ValueError: if a feature size is not a positive int.
@@ -52,6 +56,8 @@ def init(num_features: int | Sequence[int], *, dtype: Any = jnp.float32, use_sca
       bias=jnp.zeros(shape, dtype) if use_bias else None,
   )
   state = BatchNormState(mean=jnp.zeros(shape, jnp.float32), var=jnp.ones(shape, jnp.float32))
+  if cumulative:
+    return params, CumulativeState(*state, count=jnp.zeros(shape, jnp.int32))
   return params, state
 
 
@@ -82,9 +88,9 @@ def from_torch_momentum(torch_momentum: float) -> float:
   return round(1.0 - m, 12)
 
 
-def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
+def update_running_stats(state: BatchNormState | CumulativeState, mean: jax.Array, var: jax.Array,
                          count: jax.Array, momentum: Any, unbiased: bool
-                         ) -> tuple[BatchNormState, jax.Array]:
+                         ) -> tuple[BatchNormState | CumulativeState, jax.Array]:
   """Moves the running averages toward one batch's statistics, channel by channel.
 
   ``new = momentum * old + (1 - momentum) * batch``, computed in at least float32 and returned in
@@ -94,18 +100,31 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
   whose batch statistics are not finite (a NaN or Inf in the batch), that had no valid value, or
   (with ``unbiased``) only one, keep their old values, so a bad batch never poisons the state.
 
+  With ``momentum=None`` and a `CumulativeState` (``bnjax.init(..., cumulative=True)``) the
+  running statistics are the cumulative average: the ``n``-th update of a channel uses
+  ``momentum = 1 - 1/n``, so after ``n`` updates each is the equal-weight average of the ``n``
+  batch statistics (PyTorch's ``momentum=None``; the first update replaces the initial values).
+  A `CumulativeState`'s ``count`` grows by one on every channel that took the batch, whatever
+  ``momentum`` is.
+
   Args:
-    state: the running statistics, of the feature shape.
+    state: the running statistics, of the feature shape (`BatchNormState` or `CumulativeState`).
     mean: the batch mean, of the feature shape.
     var: the biased batch variance, of the feature shape.
     count: the number of values behind each channel's statistics.
-    momentum: the decay of the running average (a scalar or per-channel values in [0, 1]).
+    momentum: the decay of the running average (a scalar or per-channel values in [0, 1]), or
+      None for the cumulative average.
     unbiased: if True, the variance is scaled by ``count / (count - 1)`` before averaging.
 
   Returns:
-    ``(new_state, updated)``, where ``updated`` is a bool array that is False where the old values
-    were kept.
+    ``(new_state, updated)``, ``new_state`` of ``state``'s type, where ``updated`` is a bool
+    array that is False where the old values were kept.
+
+  Raises:
+    TypeError: if ``momentum`` is None and ``state`` has no ``count``.
   """
+  if momentum is None:
+    _checks.check_cumulative_state(state, "bnjax.update_running_stats")
   dtype = jnp.dtype(jnp.float64 if jnp.finfo(state.mean.dtype).bits > 32 else jnp.float32)
   mean = lax.stop_gradient(mean).astype(dtype)
   var = lax.stop_gradient(var).astype(dtype)
@@ -114,6 +133,11 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
     n = count.astype(dtype)
     var = var * (n / jnp.maximum(n - 1, 1))
   updated = jnp.isfinite(mean) & jnp.isfinite(var) & (count > (1 if unbiased else 0))
+  updates = _checks.update_counter(state)
+  if updates is not None:
+    updates = jnp.where(updated, updates + 1, updates).astype(updates.dtype)
+  if momentum is None:  # the n-th update weighs the batch 1/n: the equal-weight average.
+    momentum = 1 - 1 / jnp.maximum(updates, 1).astype(dtype)
   momentum = jnp.asarray(momentum, dtype)
   old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
   new_mean = momentum * old_mean + (1 - momentum) * mean
@@ -122,6 +146,8 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
       mean=jnp.where(updated, new_mean, old_mean).astype(state.mean.dtype),
       var=jnp.where(updated, new_var, old_var).astype(state.var.dtype),
   )
+  if updates is not None:
+    return CumulativeState(*new_state, count=updates), updated
   return new_state, updated
 
 
@@ -135,7 +161,8 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
                axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
                unbiased_running_var: bool = ..., dtype: Any = ...,
                return_stats: Literal[False] = ..., custom_vjp: bool = ...,
-               stats_route: str = ...) -> _Returns: ...
+               stats_route: str = ..., ghost_batch_size: int | None = ...,
+               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _Returns: ...
 
 
 @overload
@@ -143,15 +170,17 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
                axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
                axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
                unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: Literal[True],
-               custom_vjp: bool = ..., stats_route: str = ...) -> _ReturnsWithStats: ...
+               custom_vjp: bool = ..., stats_route: str = ..., ghost_batch_size: int | None = ...,
+               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _ReturnsWithStats: ...
 
 
 def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = -1, momentum: Any = 0.99, epsilon: Any = 1e-5,
                axis_name: Any = None, axis_index_groups: Any = None, mask: jax.Array | None = None,
                unbiased_running_var: bool = False, dtype: Any = None, return_stats: bool = False,
-               custom_vjp: bool = True, stats_route: str = "auto"
-               ) -> _Returns | _ReturnsWithStats:
+               custom_vjp: bool = True, stats_route: str = "auto",
+               ghost_batch_size: int | None = None, renorm_r_max: Any = None,
+               renorm_d_max: Any = None) -> _Returns | _ReturnsWithStats:
   r"""Batch normalization, as a pure function of parameters, running statistics and input.
 
   .. math::
@@ -174,6 +203,33 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
     no valid value under ``mask``, keeps its old running statistics; ``return_stats=True`` reports
     which channels were updated. Channels with no valid value are normalised with the running
     statistics.
+
+  Batch Renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+  Batch-Normalized Models", 2017), with ``renorm_r_max`` and ``renorm_d_max``: in training
+
+  .. math::
+
+     y = \gamma \left(\frac{x - \mu_B}{\sigma_B} \, r + d\right) + \beta, \quad
+     r = \mathrm{clip}\!\left(\frac{\sigma_B}{\sigma}, \frac{1}{r_{max}}, r_{max}\right), \quad
+     d = \mathrm{clip}\!\left(\frac{\mu_B - \mu}{\sigma}, -d_{max}, d_{max}\right)
+
+  with :math:`\sigma_B^2 = \mathrm{var}_B + \epsilon`, :math:`\mu, \sigma^2 = \mathrm{var} +
+  \epsilon` the running statistics before this step's update, and ``r``, ``d`` held constant in
+  the backward pass. Where no clip is active the output is the evaluation-mode output, so the
+  model trains on what it will be tested with. ``renorm_r_max=1, renorm_d_max=0`` is batch norm
+  exactly. Both accept traced scalars, so a schedule of the step can drive them (the paper holds
+  1 and 0 for 5,000 steps and relaxes them to 3 and 5; see `bnjax.tools.renorm_schedule`). The
+  running standard deviation is the one evaluation uses, ``sqrt(var + epsilon)`` of the running
+  variance, where the paper and Keras keep a separate average of standard deviations.
+
+  Ghost batches (Hoffer, Hubara & Soudry, "Train longer, generalize better", 2017; Keras's
+  ``virtual_batch_size``), with ``ghost_batch_size=b``: in training, each run of ``b`` consecutive
+  examples along axis 0 (which must be a batch axis) is normalised with its own statistics, and
+  under ``axis_name`` on its own device. A batch size that ``b`` does not divide ends with one
+  smaller ghost batch. The running statistics are updated once per call from the exact statistics
+  of the whole (global) batch, the ghost batches' moments merged by counts; the original code
+  instead forwards the ghost batches one at a time, updating the running averages ``B / b`` times
+  per step, each time from ``b`` examples.
 
   Args:
     params: ``BatchNormParams``; ``scale`` and ``bias`` of the feature shape, or None.
@@ -208,16 +264,22 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       pass around a data pivot, no data-dependent control flow, at most ``log2(1 + k**2)`` bits lost
       for a pivot ``k`` standard deviations from the mean), or ``"auto"``: adaptive on CPU,
       one-pass on GPU and TPU and (with ``custom_vjp``) under `vmap`.
+    ghost_batch_size: examples per ghost batch along axis 0 (training only), or None.
+    renorm_r_max: Batch Renormalization's bound on ``r`` (>= 1, or ``inf``), a Python number or a
+      traced scalar; None (with ``renorm_d_max``) is batch norm.
+    renorm_d_max: Batch Renormalization's bound on ``|d|`` (>= 0, or ``inf``).
 
   Returns:
-    ``(y, new_state)``, or ``(y, new_state, batch_stats)`` with ``return_stats=True``.
+    ``(y, new_state)``, or ``(y, new_state, batch_stats)`` with ``return_stats=True``. With
+    ghost batches ``batch_stats`` are those of the whole batch.
 
   Raises:
     TypeError: if ``train`` is not a Python bool (e.g. traced), ``x`` is not real floating,
-      ``mask`` is not boolean, ``params``/``state`` are not bnjax's pytrees, or ``momentum`` or
-      ``epsilon`` is not a number.
-    ValueError: on mismatched shapes, a bad ``axis``, ``momentum``, ``epsilon`` or
-      ``stats_route``, or one value per channel in training.
+      ``mask`` is not boolean, ``params``/``state`` are not bnjax's pytrees, ``momentum`` or
+      ``epsilon`` is not a number, or ``momentum`` is None for a state without a counter.
+    ValueError: on mismatched shapes, a bad ``axis``, ``momentum``, ``epsilon``,
+      ``stats_route``, ``ghost_batch_size`` or renorm bound, or one value per channel (per ghost
+      batch) in training.
 
   Examples:
     >>> params, state = bnjax.init(2)
@@ -228,6 +290,21 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
            [ 1.,  1.]], dtype=float32)
     >>> [round(m, 4) for m in state.mean.tolist()]  # 0.99 * 0 + 0.01 * batch mean
     [0.02, 0.2]
+
+    Ghost batches of 2 normalise each pair with its own statistics:
+
+    >>> x = jnp.array([[1.0], [3.0], [10.0], [30.0]])
+    >>> y, _ = bnjax.batch_norm(*bnjax.init(1), x, train=True, ghost_batch_size=2)
+    >>> y[:, 0].round(3)
+    Array([-1.,  1., -1.,  1.], dtype=float32)
+
+    Renormalisation with the running statistics (mean 0, var 1): unclipped, training outputs
+    what evaluation would:
+
+    >>> y, _ = bnjax.batch_norm(*bnjax.init(1), x, train=True, renorm_r_max=jnp.inf,
+    ...                         renorm_d_max=jnp.inf, epsilon=1e-12)
+    >>> y[:, 0].round(3)
+    Array([ 1.,  3., 10., 30.], dtype=float32)
   """
   train = _checks.check_train(train, _WHERE)
   _checks.check_params_and_state(params, state, _WHERE)
@@ -237,7 +314,13 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   _checks.check_feature_shapes(params, state, feature_shape, x.shape, axis, _WHERE)
-  _checks.check_hyperparameters(momentum, epsilon, _WHERE)
+  if momentum is None:  # the cumulative average: checked here, the decay's range is not needed.
+    _checks.check_cumulative_state(state, _WHERE)
+  _checks.check_hyperparameters(0.0 if momentum is None else momentum, epsilon, _WHERE)
+  renorm_clip = _checks.check_renorm(renorm_r_max, renorm_d_max, _WHERE)
+  if ghost_batch_size is not None:
+    ghost_batch_size = _checks.check_ghost_batch_size(ghost_batch_size, x.shape, feature_axes,
+                                                      _WHERE)
   if stats_route not in stats.ROUTES:
     _checks.fail(_WHERE, f"`stats_route` must be one of {stats.ROUTES}; got {stats_route!r}.")
   if mask is not None:
@@ -245,12 +328,14 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   if return_stats and not train:
     _checks.fail(_WHERE, "`return_stats=True` needs `train=True`; evaluation measures no batch "
                  "statistics.")
-  if train and axis_name is None and not _any_tracer((params, state, x, mask, momentum, epsilon)):
+  if train and axis_name is None and not _any_tracer((params, state, x, mask, momentum, epsilon,
+                                                      renorm_clip)):
     # An eager call (outside jit and every transformation) would build and compile its
     # `lax.cond`s anew each time: run it through one compiled program per configuration.
-    return _eager_train(params, state, x, mask, momentum, epsilon, axis=feature_axes,
+    return _eager_train(params, state, x, mask, momentum, epsilon, renorm_clip, axis=feature_axes,
                         unbiased_running_var=unbiased_running_var, dtype=dtype,
-                        return_stats=return_stats, custom_vjp=custom_vjp, stats_route=stats_route)
+                        return_stats=return_stats, custom_vjp=custom_vjp, stats_route=stats_route,
+                        ghost_batch_size=ghost_batch_size)
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
@@ -262,14 +347,26 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   def squeeze(v):  # x's rank -> feature shape.
     return v.reshape(feature_shape)
 
+  if not train:
+    epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
+    y = _standardize.normalize(x.astype(stats_dtype), mask, expand(state.mean), None,
+                               expand(state.var), expand(params.scale), expand(params.bias),
+                               epsilon).astype(out_dtype)
+    return y, state
+  if momentum is not None:
+    _per_channel(momentum, feature_shape, keep_shape, stats_dtype, "momentum")
+
+  ghost = None
+  if ghost_batch_size is not None:
+    # Axis 0 becomes [ghost batches, ghost_batch_size]: the new axis 0 is kept, the rest reduced.
+    ghost = _GhostLayout(x.shape[0], ghost_batch_size)
+    x, mask = ghost.split(x, mask)
+    feature_axes = tuple(a + 1 for a in feature_axes)
+    reduce_axes = (1,) + tuple(a + 1 for a in reduce_axes if a != 0)
+    keep_shape = (1,) + keep_shape
   scale, bias = expand(params.scale), expand(params.bias)
   running_mean, running_var = expand(state.mean), expand(state.var)
   epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
-  if not train:
-    y = _standardize.normalize(x.astype(stats_dtype), mask, running_mean, None, running_var, scale,
-                               bias, epsilon).astype(out_dtype)
-    return y, state
-  _per_channel(momentum, feature_shape, keep_shape, stats_dtype, "momentum")
 
   devices = 1
   if axis_name is not None:
@@ -279,7 +376,11 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     devices = distributed.smallest_group(axis_index_groups, size)
   local_count = math.prod(x.shape[a] for a in reduce_axes)
-  _checks.check_values_per_channel(local_count, devices, _WHERE)
+  if ghost is not None:
+    ghost.check_values_per_channel(local_count // x.shape[1])
+    local_count *= x.shape[0]
+  else:
+    _checks.check_values_per_channel(local_count, devices, _WHERE)
   _check_count_fits(local_count, size if axis_name is not None else 1)
 
   def sum_axes(value):
@@ -298,14 +399,22 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       stats_dtype=stats_dtype, out_dtype=out_dtype, route=stats_route,
       scale_sum_axes=sum_axes(scale), bias_sum_axes=sum_axes(bias),
       epsilon_sum_axes=sum_axes(epsilon),
-      scale_invariant=(scale is None or axis_name is None
-                       or distributed.typed_invariant(scale, axis_name, x)),
+      scale_invariant=(axis_name is None or ghost is not None
+                       or all(distributed.typed_invariant(v, axis_name, x)
+                              for v in ([scale] if renorm_clip is None else
+                                        [scale, running_mean, running_var])
+                              if v is not None)),
       pivot_shared=(axis_name is not None
                     and distributed.typed_invariant(running_mean, axis_name, x)),
-      count_shape=count_shape, where=_WHERE)
+      count_shape=count_shape, where=_WHERE, renorm=renorm_clip is not None,
+      ghost=ghost is not None)
+  if renorm_clip is not None:
+    renorm_clip = tuple(lax.stop_gradient(jnp.asarray(v, stats_dtype)) for v in renorm_clip)
   train_fn = _standardize.jitted_train(custom_vjp)
   y, moments = train_fn(config, x, mask, scale, bias, lax.stop_gradient(running_mean),
-                        lax.stop_gradient(running_var), epsilon)
+                        lax.stop_gradient(running_var), epsilon, renorm_clip)
+  if ghost is not None:
+    y = ghost.join(y)
   new_state, updated = update_running_stats(
       state, squeeze(moments.mean), squeeze(moments.var), squeeze(moments.count), momentum,
       unbiased_running_var)
@@ -317,15 +426,60 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   return y, new_state
 
 
+class _GhostLayout:
+  """Splits the leading batch axis into ``[ghost batches, ghost_batch_size]`` and joins it back.
+
+  A batch that the ghost size does not divide is padded at the end, the padding masked out, so its
+  last ghost batch is smaller (its statistics count only its own examples).
+  """
+
+  def __init__(self, batch: int, ghost_batch_size: int):
+    self.batch = batch
+    self.size = min(ghost_batch_size, batch)
+    self.ghosts = -(-batch // self.size)
+    self.padding = self.ghosts * self.size - batch
+
+  def split(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    if self.padding:
+      rows = jnp.arange(self.batch + self.padding) < self.batch
+      rows = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+      x = jnp.pad(x, [(0, self.padding)] + [(0, 0)] * (x.ndim - 1))
+      if mask is None:
+        mask = rows
+      elif mask.shape[0] == 1:
+        mask = mask & rows
+      else:
+        mask = jnp.pad(mask, [(0, self.padding)] + [(0, 0)] * (x.ndim - 1))
+    x = x.reshape((self.ghosts, self.size) + x.shape[1:])
+    if mask is not None:
+      mask = (mask.reshape((1, 1) + mask.shape[1:]) if mask.shape[0] == 1
+              else mask.reshape((self.ghosts, self.size) + mask.shape[1:]))
+    return x, mask
+
+  def join(self, y: jax.Array) -> jax.Array:
+    y = y.reshape((self.ghosts * self.size,) + y.shape[2:])
+    return y[:self.batch] if self.padding else y
+
+  def check_values_per_channel(self, values_per_example: int) -> None:
+    last = self.batch - (self.ghosts - 1) * self.size
+    if last * values_per_example <= 1:
+      _checks.fail(_WHERE, f"`ghost_batch_size`={self.size} splits the batch of {self.batch} into "
+                   f"{self.ghosts} ghost batches, the last of {last} example(s), which gives "
+                   f"{last * values_per_example} value per channel: its variance would be 0. "
+                   "Choose a ghost batch size that divides the batch, or a larger one.")
+
+
 def _any_tracer(tree: Any) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "unbiased_running_var", "dtype",
-                                             "return_stats", "custom_vjp", "stats_route"))
-def _eager_train(params, state, x, mask, momentum, epsilon, **static):
+                                             "return_stats", "custom_vjp", "stats_route",
+                                             "ghost_batch_size"))
+def _eager_train(params, state, x, mask, momentum, epsilon, renorm_clip, **static):
+  r_max, d_max = (None, None) if renorm_clip is None else renorm_clip
   return batch_norm(params, state, x, True, mask=mask, momentum=momentum, epsilon=epsilon,
-                    **static)
+                    renorm_r_max=r_max, renorm_d_max=d_max, **static)
 
 
 def _per_channel(value: Any, feature_shape, keep_shape, dtype, name: str) -> jax.Array:

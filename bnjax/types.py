@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import jax
 
-__all__ = ["BatchNormParams", "BatchNormState", "BatchStats"]
+__all__ = ["BatchNormParams", "BatchNormState", "BatchStats", "CumulativeState"]
 
 
 class BatchNormParams(NamedTuple):
@@ -27,6 +27,25 @@ class BatchNormState(NamedTuple):
   mean: jax.Array
   #: Running (biased, or with ``unbiased_running_var`` unbiased) variance; starts at 1.
   var: jax.Array
+
+
+class CumulativeState(NamedTuple):
+  """Running statistics with a counter of updates, from ``bnjax.init(..., cumulative=True)``.
+
+  What ``momentum=None`` (the cumulative average, PyTorch's ``momentum=None``) needs: after ``n``
+  updates the running statistics are the equal-weight average of the ``n`` batch statistics. With a
+  number as ``momentum`` it is an exponential average, as `BatchNormState`, that also counts.
+  A separate type, so that `BatchNormState` keeps its two fields (its unpacking and pytree
+  structure) whatever the options.
+  """
+
+  #: Running mean, of the feature shape; float32 from `bnjax.init`; starts at 0.
+  mean: jax.Array
+  #: Running variance, as in `BatchNormState`; starts at 1.
+  var: jax.Array
+  #: Updates each channel has taken, of the feature shape; int32; starts at 0. A channel that
+  #: keeps its statistics (a non-finite batch, no valid value) does not count the batch.
+  count: jax.Array
 
 
 class BatchStats(NamedTuple):
