@@ -1,4 +1,4 @@
-"""Tests for configs/*.py and the config checks in examples/train.py: every config loads, opens
+"""Tests for configs/*.py and the config checks in bnjax_examples/train.py: every config loads, opens
 with its command and passes the checks; bad values fail before anything is loaded or trained."""
 
 import importlib
@@ -13,7 +13,7 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-from examples import train
+from bnjax_examples import train
 
 CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10")
 
@@ -25,7 +25,7 @@ def load_config(name: str, arg: str | None = None):
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_docstring_opens_with_the_command_that_runs_it(name):
   docstring = importlib.import_module(f"configs.{name}").__doc__
-  assert docstring.startswith(f"python -m examples.main --config=configs/{name}.py --workdir=")
+  assert docstring.startswith(f"python -m bnjax_examples.main --config=configs/{name}.py --workdir=")
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -108,7 +108,7 @@ def test_batch_larger_than_the_training_set_is_rejected():
 def test_command_line_error_is_one_clear_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-m", "examples.main", "--config=configs/default.py",
+      [sys.executable, "-m", "bnjax_examples.main", "--config=configs/default.py",
        f"--workdir={tmp_path / 'run'}", "--config.learning_rate=-1.0"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1

@@ -1,4 +1,4 @@
-"""Tests for examples/input_pipeline.py: every file format on tiny files the tests write, each
+"""Tests for bnjax_examples/input_pipeline.py: every file format on tiny files the tests write, each
 malformed-file error, and the batch stream that checkpoints and processes rely on."""
 
 import gzip
@@ -11,8 +11,8 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-import examples
-from examples import input_pipeline
+import bnjax_examples
+from bnjax_examples import input_pipeline
 
 NUM_TRAIN, NUM_TEST = 6, 4
 
@@ -76,7 +76,7 @@ def _mark_unpickled():
 
 
 def test_examples_package_is_the_repos():
-  assert pathlib.Path(examples.__file__).resolve().parent == REPO_ROOT / "examples"
+  assert pathlib.Path(bnjax_examples.__file__).resolve().parent == REPO_ROOT / "bnjax_examples"
 
 
 def test_digits_split_is_deterministic_by_seed():

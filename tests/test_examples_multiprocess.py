@@ -18,7 +18,7 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from configs import default as default_config
-from examples import train
+from bnjax_examples import train
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -28,14 +28,14 @@ WORKER = textwrap.dedent("""
     import sys
     repo, coordinator, process_id, workdir, out = sys.argv[1:]
     sys.path.insert(0, repo)
-    from examples import main
+    from bnjax_examples import main
     main.initialize_distributed(coordinator, {num_processes}, int(process_id))
     import jax
     import numpy as np
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     from configs import default
-    from examples import train
+    from bnjax_examples import train
     assert jax.process_count() == {num_processes} and jax.device_count() == {num_devices}
     config = default.get_config("smoke")
     config.progress_bar = False

@@ -1,4 +1,4 @@
-"""Tests for examples/train.py: a smoke run of the default config on the bundled digits, exact
+"""Tests for bnjax_examples/train.py: a smoke run of the default config on the bundled digits, exact
 resumption, checkpoints of another model, data parallelism and the comparison mode.
 
 Every run here uses all 8 simulated devices of the suite (tests/conftest.py), so the batch-norm
@@ -17,11 +17,11 @@ import pytest
 from configs import cifar10 as cifar10_config
 from configs import compare as compare_config
 from configs import default as default_config
-from examples import checkpointing
-from examples import input_pipeline
-from examples import models
-from examples import reporting
-from examples import train
+from bnjax_examples import checkpointing
+from bnjax_examples import input_pipeline
+from bnjax_examples import models
+from bnjax_examples import reporting
+from bnjax_examples import train
 
 
 def smoke_config():

@@ -1,6 +1,6 @@
 r"""Trains an example model with bnjax; a thin entry point around `train.train_and_evaluate`.
 
-  python -m examples.main --config=configs/default.py --workdir=workdir/default
+  python -m bnjax_examples.main --config=configs/default.py --workdir=workdir/default
 
 Override config fields with ``--config.<field>=<value>`` (e.g. ``--config.learning_rate=0.05``).
 Rerunning the same command resumes from the newest checkpoint in the work directory.
@@ -8,7 +8,7 @@ Rerunning the same command resumes from the newest checkpoint in the work direct
 Several processes (e.g. one per host) form one run through JAX's distributed runtime; give each the
 same coordinator and its own id, and each feeds its own share of every global batch:
 
-  python -m examples.main --config=configs/default.py --workdir=workdir/dp \
+  python -m bnjax_examples.main --config=configs/default.py --workdir=workdir/dp \
       --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # and =1
 """
 
@@ -21,10 +21,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from examples import checkpointing
-from examples import input_pipeline
-from examples import reporting
-from examples import train
+from bnjax_examples import checkpointing
+from bnjax_examples import input_pipeline
+from bnjax_examples import reporting
+from bnjax_examples import train
 
 FLAGS = flags.FLAGS
 

@@ -32,10 +32,10 @@ import numpy as np
 import optax
 import tqdm
 
-from examples import checkpointing
-from examples import input_pipeline
-from examples import models
-from examples import reporting
+from bnjax_examples import checkpointing
+from bnjax_examples import input_pipeline
+from bnjax_examples import models
+from bnjax_examples import reporting
 
 AXIS = "data"  # The mesh axis that the global batch is split along.
 MODELS = ("CNN", "ResNet")
