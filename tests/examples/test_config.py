@@ -1,5 +1,6 @@
-"""Tests for configs/*.py and the config checks in bnjax_examples/train.py: every config loads, opens
-with its command and passes the checks; bad values fail before anything is loaded or trained."""
+"""Tests for configs/*.py and the config checks of the training example: every config loads,
+opens with its command and passes the checks; bad values fail before anything is loaded or
+trained."""
 
 import importlib
 import os
@@ -11,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 from bnjax_examples import train
 
@@ -25,7 +26,8 @@ def load_config(name: str, arg: str | None = None):
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_docstring_opens_with_the_command_that_runs_it(name):
   docstring = importlib.import_module(f"configs.{name}").__doc__
-  assert docstring.startswith(f"python -m bnjax_examples.main --config=configs/{name}.py --workdir=")
+  command = f"python -m bnjax_examples.main --config=configs/{name}.py --workdir="
+  assert docstring.startswith(command)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

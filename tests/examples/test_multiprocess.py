@@ -15,7 +15,7 @@ import textwrap
 import jax
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 from configs import default as default_config
 from bnjax_examples import train

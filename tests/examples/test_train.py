@@ -1,8 +1,8 @@
-"""Tests for bnjax_examples/train.py: a smoke run of the default config on the bundled digits, exact
+"""Tests for the training library: a smoke run of the default config on the bundled digits, exact
 resumption, checkpoints of another model, data parallelism and the comparison mode.
 
-Every run here uses all 8 simulated devices of the suite (tests/conftest.py), so the batch-norm
-statistics and the gradients are combined across devices throughout.
+Every run here uses all 8 simulated devices of the suite (set in the root conftest.py), so the
+batch-norm statistics and the gradients are combined across devices throughout.
 """
 
 import functools

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 import bnjax_examples
 from bnjax_examples import input_pipeline
