@@ -9,6 +9,7 @@ A checkpoint holds two items:
 
 Restoring first compares the stored variables with the model's by name and shape, and refuses with
 a `CheckpointMismatchError` that lists the differences: a checkpoint is never partly loaded.
+`latest_checkpoint` finds the newest checkpoint of a directory with the same orbax lookup.
 """
 
 import json
@@ -34,6 +35,11 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
           for path, leaf in leaves}
+
+
+def _step_path(directory: str, step: int) -> str:
+  """Where orbax's default step naming puts the checkpoint of `step`."""
+  return os.path.join(directory, str(step))
 
 
 def describe_mismatch(stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
@@ -78,7 +84,7 @@ class Checkpointer:
 
   def path(self, step: int) -> str:
     """The directory of the checkpoint of `step`."""
-    return os.path.join(self.directory, str(step))
+    return _step_path(self.directory, step)
 
   def save(self, state: Any, progress: dict[str, Any]) -> None:
     """Starts saving `state` and `progress` at ``state.step`` (asynchronously; see `close`).
@@ -152,3 +158,18 @@ class Checkpointer:
     """Waits for pending saves to finish and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def latest_checkpoint(directory: str) -> str | None:
+  """The directory of the newest checkpoint in `directory`, or None if there is none.
+
+  The step comes from orbax's `CheckpointManager.latest_step`, the lookup `Checkpointer` restores
+  with; the manager is opened without creating or deleting anything.
+  """
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  return None if step is None else _step_path(directory, step)

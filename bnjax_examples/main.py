@@ -22,7 +22,9 @@ import jax
 from ml_collections import config_flags
 
 from bnjax_examples import checkpointing
+from bnjax_examples import config_check
 from bnjax_examples import input_pipeline
+from bnjax_examples import parallel
 from bnjax_examples import reporting
 from bnjax_examples import train
 
@@ -56,6 +58,15 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
                              num_processes=num_processes, process_id=process_id)
 
 
+def device_summary() -> str:
+  """The devices each global batch is split over, with how to get more on a CPU."""
+  summary = f"Training on {parallel.describe_devices(parallel.create_mesh())}."
+  if jax.device_count() == 1 and jax.devices()[0].platform == "cpu":
+    summary += (" To split each batch over 8 simulated CPU devices, set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=8 before starting Python.")
+  return summary
+
+
 def report_outputs(config, workdir: str) -> None:
   """Prints where the plot, the metrics and the checkpoint of a finished run are."""
   if config.compare_norms:
@@ -87,12 +98,14 @@ def main(argv):
   config = FLAGS.config
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if jax.process_index() == 0:
+    print(device_summary(), flush=True)
   try:
     if config.compare_norms:
       train.compare_norms(config, FLAGS.workdir)
     else:
       train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DatasetError,
+  except (config_check.ConfigError, input_pipeline.DatasetError,
           checkpointing.CheckpointMismatchError) as e:
     raise SystemExit(f"error: {e}") from e
   except KeyboardInterrupt:
