@@ -2,6 +2,7 @@
 opens with its command and passes the checks; bad values fail before anything is loaded or
 trained."""
 
+import doctest
 import importlib
 import os
 import pathlib
@@ -101,6 +102,11 @@ def test_every_invalid_field_is_reported_at_once():
     config_check.validate_config(config, num_devices=1)
   for field in ("learning_rate", "momentum", "norm"):
     assert f"config.{field} = " in str(error.value)
+
+
+def test_config_check_docstring_example_runs():
+  result = doctest.testmod(config_check)
+  assert result.attempted > 0 and result.failed == 0
 
 
 def test_batch_larger_than_the_training_set_is_rejected():
