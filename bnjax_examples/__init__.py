@@ -8,6 +8,13 @@ The package is named ``bnjax_examples`` rather than ``examples`` because dm-haik
 top-level ``examples`` namespace package into site-packages: under that name, a run started where
 this repository is not on ``sys.path`` would import Haiku's package and fail far from the cause.
 
-``models`` (networks taking a ``norm`` factory), ``input_pipeline`` (datasets and batches),
-``train`` (the training library), ``checkpointing``, ``reporting`` and ``main`` (the entry point).
+One job per module; imports point one way (``main`` -> ``train`` -> the rest):
+
+* ``main``: the command line (flags, ``jax.distributed``, the final report);
+* ``train``: ``train_and_evaluate(config, workdir)`` and ``compare_norms``, assembling a run;
+* ``loop``: epochs, progress bar, evaluation, metrics lines, checkpoints, Ctrl-C;
+* ``steps``: model, optimizer, train state and the pure ``train_step`` / ``eval_step``, which an
+  experiment can run under ``jax.jit`` or ``lax.scan`` without the loop;
+* ``parallel``: the mesh, ``data_parallel`` (``jax.shard_map``), each process's rows;
+* ``config_check``, ``input_pipeline``, ``models``, ``metrics``, ``checkpointing``, ``reporting``.
 """
