@@ -164,10 +164,16 @@ def latest_checkpoint(directory: str) -> str | None:
   """The directory of the newest checkpoint in `directory`, or None if there is none.
 
   The step comes from orbax's `CheckpointManager.latest_step`, the lookup `Checkpointer` restores
-  with; the manager is opened without creating or deleting anything.
+  with. The manager is opened without creating or deleting anything, and for this process alone:
+  any one process of a multi-process run may call this (process 0 does to report), so it must not
+  wait at orbax's barriers for the others.
   """
   directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  this_process = jax.process_index()
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, save_root_metadata=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=this_process, active_processes={this_process})))
   try:
     step = manager.latest_step()
   finally:
