@@ -12,8 +12,12 @@ a `CheckpointMismatchError` that lists the differences: a checkpoint is never pa
 `latest_checkpoint` finds the newest checkpoint of a directory with the same orbax lookup.
 """
 
+from collections.abc import Iterator
+import contextlib
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -58,6 +62,30 @@ def describe_mismatch(stored: dict[str, tuple[int, ...]], expected: dict[str, tu
   return lines
 
 
+@contextlib.contextmanager
+def hold_back_ctrl_c() -> Iterator[None]:
+  """Delays Ctrl-C (SIGINT) until the block has run, then raises `KeyboardInterrupt`.
+
+  For what must not be cut in half if a checkpoint is to be saved on Ctrl-C: orbax's save and close
+  (interrupted, its background writers are left half set up and the process hangs or fails), and a
+  step that donates the train state (interrupted after the call and before the assignment, the
+  state is gone). Only the main thread receives signals, and only Python's default handler raises
+  `KeyboardInterrupt`; otherwise the block runs as it is.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
+
+
 class Checkpointer:
   """Saves and restores the train state and progress in ``directory``, keeping the newest few.
 
@@ -89,14 +117,17 @@ class Checkpointer:
   def save(self, state: Any, progress: dict[str, Any]) -> None:
     """Starts saving `state` and `progress` at ``state.step`` (asynchronously; see `close`).
 
-    Every process must call it: in a multi-process run each writes its part of the arrays.
+    Every process must call it: in a multi-process run each writes its part of the arrays. A
+    Ctrl-C during the call takes effect when it returns, so a save is never cut in half.
     """
-    step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
-      return
-    progress = dict(progress, run=self.run)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), progress=ocp.args.JsonSave(progress)))
+    with hold_back_ctrl_c():
+      self._manager.wait_until_finished()  # A save of this step may still be in flight.
+      step = int(jax.device_get(state.step))
+      if step in self._manager.all_steps():
+        return
+      progress = dict(progress, run=self.run)
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_state_tree(state)), progress=ocp.args.JsonSave(progress)))
 
   def restore_latest(self, state: Any) -> tuple[Any, dict] | None:
     """Restores the newest checkpoint into the structure, shapes and shardings of `state`.
@@ -155,9 +186,10 @@ class Checkpointer:
     return state, progress
 
   def close(self) -> None:
-    """Waits for pending saves to finish and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves to finish and releases the manager (Ctrl-C held back meanwhile)."""
+    with hold_back_ctrl_c():
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def latest_checkpoint(directory: str) -> str | None:

@@ -56,7 +56,9 @@ def run(state: Any, *, start_step: int, schedule: Schedule,
   saved every ``schedule.checkpoint_every_epochs`` epochs, at the last step, and where the loop
   stops; `checkpointer` is closed when the loop returns. On Ctrl-C a single process saves a
   checkpoint at the last finished step before re-raising (with several processes it does not:
-  saving is collective and the other processes may not be there to join).
+  saving is collective and the other processes may not be there to join). Resuming from it gives
+  the metrics lines and the state of a run never stopped, wherever the Ctrl-C came (during a step,
+  between steps, or while the evaluation that ends an epoch ran).
 
   Args:
     state: the train state at `start_step` (the state passed to `train_fn` may be donated).
@@ -81,10 +83,24 @@ def run(state: Any, *, start_step: int, schedule: Schedule,
     return {"step": step, "epoch": step // steps_per_epoch,
             "batch_in_epoch": step % steps_per_epoch, **totals.as_progress()}
 
+  def epoch_record(state: Any, step: int) -> dict[str, Any]:
+    """The metrics line of the epoch that ends at `step` (evaluates `state`)."""
+    return {"epoch": step // steps_per_epoch, "step": step, **totals.summary(),
+            **evaluate_fn(state), **epoch_fields(step),
+            "elapsed_s": round(time.time() - started, 3)}
+
   started = time.time()
   step = start_step
   pending = []  # Metrics of steps not yet added to the epoch's totals.
   try:
+    if step % steps_per_epoch == 0 and totals.count:
+      # Ctrl-C came after an epoch's last step, before its line was written (while evaluating):
+      # the checkpoint holds that epoch's totals. Write the line now, unless a resumed run already
+      # did before being stopped again (the evaluation runs either way: all processes take part).
+      record = epoch_record(state, step)
+      if is_chief and all(r["step"] != step for r in reporting.read_metrics(metrics_path)):
+        reporting.append_metrics(metrics_path, record)
+      totals = metrics.EpochTotals()
     while step < schedule.stop_step:
       epoch = step // steps_per_epoch
       epoch_end = min((epoch + 1) * steps_per_epoch, schedule.stop_step)
@@ -92,20 +108,24 @@ def run(state: Any, *, start_step: int, schedule: Schedule,
                      desc=f"epoch {epoch + 1}/{schedule.num_epochs}",
                      disable=not (progress_bar and is_chief)) as bar:
         while step < epoch_end:
-          state, step_metrics = train_fn(state, next(batches))
-          pending.append(step_metrics)
+          batch = next(batches)
+          # train_fn may donate `state`: a Ctrl-C between the call and the bookkeeping would lose
+          # the state that a checkpoint needs, or the step's metrics.
+          with checkpointing.hold_back_ctrl_c():
+            state, step_metrics = train_fn(state, batch)
+            pending.append(step_metrics)
           step += 1
           if len(pending) == schedule.log_every_steps or step == epoch_end:
-            fetched, pending = pending, []
-            totals.add(fetched)
-            bar.update(len(fetched))
+            with checkpointing.hold_back_ctrl_c():  # Each step's metrics in exactly one place.
+              totals.add(pending)
+              num_fetched, pending = len(pending), []
+            bar.update(num_fetched)
             summary = totals.summary()
             bar.set_postfix(loss=f"{summary['train_loss']:.4f}",
                             acc=f"{summary['train_accuracy']:.2%}")
         if step % steps_per_epoch:
           break  # Stopped inside an epoch (schedule.stop_step); checkpointed below.
-        record = {"epoch": epoch + 1, "step": step, **totals.summary(), **evaluate_fn(state),
-                  **epoch_fields(step), "elapsed_s": round(time.time() - started, 3)}
+        record = epoch_record(state, step)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", acc=f"{record['train_accuracy']:.2%}",
                         test_acc=f"{record['test_accuracy']:.2%}")
       if is_chief:
