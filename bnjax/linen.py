@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax.functional import batch_norm
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams, BatchNormState, CumulativeState
 
 # The collection that per-layer diagnostics are written to, when it is made mutable by name.
 DIAGNOSTICS = "diagnostics"
@@ -37,7 +37,9 @@ class BatchNorm(nn.Module):
   Attributes:
     use_running_average: if True, normalise with the running statistics (evaluation).
     axis: the feature axis or axes.
-    momentum: decay of the running averages (Flax's convention).
+    momentum: decay of the running averages (Flax's convention), or None for the cumulative
+      average of all batch statistics (PyTorch's ``momentum=None``): ``batch_stats`` then also
+      holds ``count``, the int32 number of updates per channel (only then).
     epsilon: added to the variance.
     dtype: the output dtype (default: inferred from input and params, as in Flax).
     param_dtype: the dtype of ``scale`` and ``bias``.
@@ -54,6 +56,11 @@ class BatchNorm(nn.Module):
       forward mode, e.g. ``jax.jvp`` through the model).
     stats_route: how batch moments are computed: ``"auto"``, ``"adaptive"`` or ``"one_pass"``
       (see `bnjax.batch_norm`).
+    ghost_batch_size: normalise each run of this many examples along axis 0 with its own
+      statistics in training (ghost batch norm, see `bnjax.batch_norm`), or None.
+    renorm_r_max: Batch Renormalization's bound on ``r`` (>= 1), or None for batch norm; a call's
+      ``renorm_r_max`` argument (which may be traced, e.g. a schedule of the step) overrides it.
+    renorm_d_max: Batch Renormalization's bound on ``|d|`` (>= 0), set with ``renorm_r_max``.
 
   Examples:
     >>> model = bnjax.BatchNorm(use_running_average=False)
@@ -66,7 +73,7 @@ class BatchNorm(nn.Module):
 
   use_running_average: bool | None = None
   axis: int | Sequence[int] = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -81,16 +88,22 @@ class BatchNorm(nn.Module):
   unbiased_running_var: bool = False
   custom_vjp: bool = True
   stats_route: str = "auto"
+  ghost_batch_size: int | None = None
+  renorm_r_max: Any = None
+  renorm_d_max: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, renorm_r_max: Any = None,
+               renorm_d_max: Any = None) -> jax.Array:
     """Normalises `x` with batch statistics (training) or running statistics (evaluation).
 
     Args:
       x: the input, any rank; features along ``self.axis``.
       use_running_average: overrides the field of the same name (one of them must be set).
       mask: bool array broadcastable to ``x``; statistics use only True positions.
+      renorm_r_max: overrides the field (a traced scalar is allowed, e.g. from a schedule).
+      renorm_d_max: overrides the field (a traced scalar is allowed).
 
     Returns:
       The normalised input, of the shape of ``x``.
@@ -105,6 +118,13 @@ class BatchNorm(nn.Module):
                             feature_shape)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
                            feature_shape)
+    # Only the cumulative average counts updates, so the default variable tree stays Flax's.
+    ra_count = (self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32),
+                              feature_shape) if self.momentum is None else None)
+    state = (BatchNormState(ra_mean.value, ra_var.value) if ra_count is None
+             else CumulativeState(ra_mean.value, ra_var.value, ra_count.value))
+    r_max = self.renorm_r_max if renorm_r_max is None else renorm_r_max
+    d_max = self.renorm_d_max if renorm_d_max is None else renorm_d_max
     scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
              if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
@@ -121,14 +141,19 @@ class BatchNorm(nn.Module):
       reduce_axes = tuple(a for a in range(jnp.ndim(x)) if a not in feature_axes)
       train = _checks.static_count(jnp.shape(x), reduce_axes) > 1
     outputs = batch_norm(
-        BatchNormParams(scale, bias), BatchNormState(ra_mean.value, ra_var.value), x, train,
+        BatchNormParams(scale, bias), state, x, train,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         mask=mask, unbiased_running_var=self.unbiased_running_var, dtype=dtype,
-        return_stats=train, custom_vjp=self.custom_vjp, stats_route=self.stats_route)
+        return_stats=train, custom_vjp=self.custom_vjp, stats_route=self.stats_route,
+        ghost_batch_size=self.ghost_batch_size if train else None,
+        renorm_r_max=r_max if train else None, renorm_d_max=d_max if train else None)
     if train and not initializing:
-      y, (ra_mean.value, ra_var.value), batch_stats = outputs
+      y, new_state, batch_stats = outputs
+      ra_mean.value, ra_var.value = new_state.mean, new_state.var
+      if ra_count is not None:
+        ra_count.value = new_state.count
       if requested(self, DIAGNOSTICS):
         # Which channels took this batch's statistics (False: non-finite or no valid value).
         self.sow(DIAGNOSTICS, "batch_stats_updated", batch_stats.updated)
