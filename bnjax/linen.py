@@ -15,6 +15,9 @@ from bnjax.types import BatchNormParams, BatchNormState, CumulativeState
 
 # The collection that per-layer diagnostics are written to, when it is made mutable by name.
 DIAGNOSTICS = "diagnostics"
+# The collection each layer's batch moments (mean, variance, count) are sown to in training, when it
+# is made mutable by name; `bnjax.tools.precise_batch_stats` reads it.
+BATCH_MOMENTS = "batch_moments"
 
 
 class BatchNorm(nn.Module):
@@ -157,6 +160,11 @@ class BatchNorm(nn.Module):
       if requested(self, DIAGNOSTICS):
         # Which channels took this batch's statistics (False: non-finite or no valid value).
         self.sow(DIAGNOSTICS, "batch_stats_updated", batch_stats.updated)
+      if requested(self, BATCH_MOMENTS):
+        # The global batch moments, and whether this layer stores the unbiased variance.
+        self.sow(BATCH_MOMENTS, "moments", {
+            "mean": batch_stats.mean, "var": batch_stats.var, "count": batch_stats.count,
+            "unbiased": jnp.asarray(self.unbiased_running_var)})
       return y
     return outputs[0]
 

@@ -43,7 +43,8 @@ def test_fields_and_defaults_match_flax():
   theirs = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm) if f.name not in
             ("parent", "name")}
   extra = set(ours) - set(theirs)
-  assert extra == {"unbiased_running_var", "custom_vjp", "stats_route"}
+  assert extra == {"unbiased_running_var", "custom_vjp", "stats_route", "ghost_batch_size",
+                   "renorm_r_max", "renorm_d_max"}
   for name, default in theirs.items():
     assert ours[name] == default, name
 
