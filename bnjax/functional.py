@@ -303,8 +303,8 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
 
     >>> y, _ = bnjax.batch_norm(*bnjax.init(1), x, train=True, renorm_r_max=jnp.inf,
     ...                         renorm_d_max=jnp.inf, epsilon=1e-12)
-    >>> y[:, 0].round(3)
-    Array([ 1.,  3., 10., 30.], dtype=float32)
+    >>> [round(v, 3) for v in y[:, 0].tolist()]
+    [1.0, 3.0, 10.0, 30.0]
   """
   train = _checks.check_train(train, _WHERE)
   _checks.check_params_and_state(params, state, _WHERE)

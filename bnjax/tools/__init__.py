@@ -2,7 +2,8 @@
 (`fold_batch_norm`, `fold_batch_norms`), frozen batch norm for fine-tuning (`norm_params_mask`,
 `norm_params_labels`, `norm_layer_paths` for linen; `norm_params_filter`, `params_except_norms`
 for NNX), precise population statistics after training (`precise_batch_stats` for linen; the
-building blocks `population_moments`, `merge_population`, `population_state`).
+building blocks `population_moments`, `merge_population`, `population_state`), the Batch Renormalization
+schedule (`renorm_schedule`).
 
 The folding tools import no flax; the freezing tools need flax and are imported on first use, so
 `import bnjax.tools` alone does not import flax.
@@ -18,12 +19,13 @@ from bnjax.tools.precise import merge_population as merge_population
 from bnjax.tools.precise import population_moments as population_moments
 from bnjax.tools.precise import population_state as population_state
 from bnjax.tools.precise import precise_batch_stats as precise_batch_stats
+from bnjax.tools.renorm import renorm_schedule as renorm_schedule
 
 _FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
            "params_except_norms")
 
 __all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", "merge_population",
-           "population_moments", "population_state", "precise_batch_stats", *_FREEZE]
+           "population_moments", "population_state", "precise_batch_stats", "renorm_schedule", *_FREEZE]
 
 
 def __getattr__(name: str) -> Any:
