@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax.functional import batch_norm
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams, BatchNormState, CumulativeState
 
 __all__ = ["BatchNorm"]
 
@@ -22,7 +22,7 @@ _WHERE = "bnjax.nnx.BatchNorm"
 # op; compiled once per configuration it costs what one fused call costs. Inside `nnx.jit`,
 # `shard_map`, `vmap` or `scan` the inner `jit` is inlined: same program, same numbers.
 _STATIC_ARGNAMES = ("train", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups",
-                    "unbiased_running_var", "custom_vjp")
+                    "unbiased_running_var", "custom_vjp", "ghost_batch_size")
 _compiled_batch_norm = jax.jit(batch_norm, static_argnames=_STATIC_ARGNAMES)
 
 
@@ -60,7 +60,9 @@ class BatchNorm(nnx.Module):
     use_running_average: if True, normalise with the running statistics (evaluation). ``None``
       requires the call to say.
     axis: the feature axis or axes.
-    momentum: decay of the running averages (Flax's convention; PyTorch's ``p`` is ``1 - p``).
+    momentum: decay of the running averages (Flax's convention; PyTorch's ``p`` is ``1 - p``), or
+      None for the cumulative average of all batch statistics (PyTorch's ``momentum=None``): the
+      layer then also keeps ``count``, an int32 ``nnx.BatchStat`` of updates per channel.
     epsilon: added to the variance.
     dtype: the output dtype (default: inferred by ``promote_dtype``).
     param_dtype: the dtype of ``scale`` and ``bias``.
@@ -81,6 +83,12 @@ class BatchNorm(nnx.Module):
       (PyTorch's rule).
     custom_vjp: differentiate training mode with bnjax's closed-form backward; False uses JAX's
       autodiff, which also supports forward mode (``jax.jvp``, ``jax.hessian``).
+    ghost_batch_size: normalise each run of this many examples along axis 0 with its own
+      statistics in training (ghost batch norm, see `bnjax.batch_norm`), or None.
+    renorm_r_max: Batch Renormalization's bound on ``r`` (>= 1), or None for batch norm. Set the
+      attribute between steps (``layer.renorm_r_max = r``) to follow a schedule; an array is
+      passed to `bnjax.batch_norm` as a traced value, so changing it does not recompile.
+    renorm_d_max: Batch Renormalization's bound on ``|d|`` (>= 0), set with ``renorm_r_max``.
 
   Raises:
     ValueError: at the call, if the input's feature shape is not ``num_features``, neither the
@@ -110,7 +118,7 @@ class BatchNorm(nnx.Module):
       *,
       use_running_average: bool | None = False,
       axis: int | Sequence[int] = -1,
-      momentum: float = 0.99,
+      momentum: float | None = 0.99,
       epsilon: float = 1e-5,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
@@ -127,10 +135,15 @@ class BatchNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       custom_vjp: bool = True,
+      ghost_batch_size: int | None = None,
+      renorm_r_max: float | None = None,
+      renorm_d_max: float | None = None,
   ):
     feature_shape = _feature_shape(num_features)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if momentum is None:  # only the cumulative average counts updates: Flax's state otherwise.
+      self.count = nnx.BatchStat(jnp.zeros(feature_shape, jnp.int32))
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
@@ -159,6 +172,10 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.unbiased_running_var = unbiased_running_var
     self.custom_vjp = custom_vjp
+    self.ghost_batch_size = ghost_batch_size
+    # Data, not static: a schedule may assign arrays (traced under `nnx.jit`, no recompilation).
+    self.renorm_r_max = nnx.data(renorm_r_max)
+    self.renorm_d_max = nnx.data(renorm_d_max)
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None) -> jax.Array:
@@ -197,6 +214,8 @@ class BatchNorm(nnx.Module):
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
     running = BatchNormState(self.mean[...], self.var[...])
+    if self.momentum is None:
+      running = CumulativeState(*running, count=self.count[...])
     with jax.numpy_dtype_promotion("standard"):  # Flax's inference rule, whatever the config.
       x, _, _, scale, bias = self.promote_dtype(
           (x, running.mean, running.var, scale, bias), dtype=self.dtype)
@@ -204,15 +223,22 @@ class BatchNorm(nnx.Module):
     static = dict(train=not use_running_average, axis=feature_axes, momentum=self.momentum,
                   epsilon=self.epsilon, axis_name=self.axis_name,
                   axis_index_groups=self.axis_index_groups,
-                  unbiased_running_var=self.unbiased_running_var, custom_vjp=self.custom_vjp)
+                  unbiased_running_var=self.unbiased_running_var, custom_vjp=self.custom_vjp,
+                  ghost_batch_size=self.ghost_batch_size if not use_running_average else None)
     # Unhashable settings (e.g. a traced `use_running_average`) go to `batch_norm` directly, which
     # raises the error that says how to fix them, or runs uncompiled.
     call = _compiled_batch_norm if _hashable(static.values()) else batch_norm
     train = static.pop("train")
-    y, new_state = call(BatchNormParams(scale, bias), running, x, train, mask=mask, **static)
+    renorm = {}
+    if train and (self.renorm_r_max is not None or self.renorm_d_max is not None):
+      renorm = dict(renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max)
+    y, new_state = call(BatchNormParams(scale, bias), running, x, train, mask=mask, **static,
+                        **renorm)
     if train:
       self.mean[...] = new_state.mean
       self.var[...] = new_state.var
+      if self.momentum is None:
+        self.count[...] = new_state.count
     return y
 
   def set_view(self, use_running_average: bool | None = None):

@@ -53,7 +53,8 @@ def test_constructor_signature_matches_flax():
   ours = inspect.signature(bnjax.nnx.BatchNorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
   assert list(ours)[:len(theirs)] == list(theirs)
-  assert set(ours) - set(theirs) == {"unbiased_running_var", "custom_vjp"}
+  assert set(ours) - set(theirs) == {"unbiased_running_var", "custom_vjp", "ghost_batch_size",
+                                     "renorm_r_max", "renorm_d_max"}
   for name, p in theirs.items():
     assert ours[name].kind == p.kind, name
     if name in ("bias_init", "scale_init"):  # Initializers: compare what they create.

@@ -371,3 +371,28 @@ def test_linen_renorm_with_traced_bounds_and_ghost_batches_matches_functional():
   # And it is renormalised: batch norm of each ghost batch would differ.
   y_bn, _ = bnjax.batch_norm(params, state, x, True, ghost_batch_size=4)
   assert np.max(np.abs(np.asarray(y) - np.asarray(y_bn))) > 0.1
+
+
+# ----------------------------------------------------------------------------- nnx
+
+
+def test_nnx_options_match_functional_and_cumulative_adds_a_count():
+  from flax import nnx
+  import bnjax.nnx
+
+  x, params, state = _inputs((10, 3), seed=50)
+  layer = bnjax.nnx.BatchNorm(3, momentum=None, ghost_batch_size=4, rngs=nnx.Rngs(0))
+  assert sorted(nnx.state(layer, nnx.BatchStat)) == ["count", "mean", "var"]
+  assert sorted(nnx.state(bnjax.nnx.BatchNorm(3, rngs=nnx.Rngs(0)), nnx.BatchStat)) == [
+      "mean", "var"]
+  layer.scale[...], layer.bias[...] = params.scale, params.bias
+  layer.mean[...], layer.var[...] = state.mean, state.var
+  layer.renorm_r_max, layer.renorm_d_max = jnp.float32(1.5), jnp.float32(0.5)
+  y = layer(x)
+  y_ref, new_state = bnjax.batch_norm(params, bnjax.init(3, cumulative=True)[1]._replace(
+      mean=state.mean, var=state.var), x, True, momentum=None, ghost_batch_size=4,
+      renorm_r_max=1.5, renorm_d_max=0.5)
+  np.testing.assert_allclose(y, y_ref, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(layer.mean[...], reference.moments(x)[0], **F32)  # first update
+  np.testing.assert_array_equal(layer.count[...], [1, 1, 1])
+  np.testing.assert_allclose(layer.var[...], new_state.var, atol=1e-7)
