@@ -4,7 +4,7 @@ from collections.abc import Sequence
 import functools
 import math
 import numbers
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import jax
 from jax import lax
@@ -151,36 +151,38 @@ def update_running_stats(state: BatchNormState | CumulativeState, mean: jax.Arra
   return new_state, updated
 
 
-_Returns = tuple[jax.Array, BatchNormState]
-_ReturnsWithStats = tuple[jax.Array, BatchNormState, BatchStats]
+# The new running statistics have the type of the old: `CumulativeState` in, `CumulativeState` out.
+_State = TypeVar("_State", BatchNormState, CumulativeState)
+_Returns = tuple[jax.Array, _State]
+_ReturnsWithStats = tuple[jax.Array, _State, BatchStats]
 
 
 @overload
-def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
                axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
                unbiased_running_var: bool = ..., dtype: Any = ...,
                return_stats: Literal[False] = ..., custom_vjp: bool = ...,
                stats_route: str = ..., ghost_batch_size: int | None = ...,
-               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _Returns: ...
+               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _Returns[_State]: ...
 
 
 @overload
-def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
                axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
                unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: Literal[True],
                custom_vjp: bool = ..., stats_route: str = ..., ghost_batch_size: int | None = ...,
-               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _ReturnsWithStats: ...
+               renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _ReturnsWithStats[_State]: ...
 
 
-def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool, *,
                axis: int | Sequence[int] = -1, momentum: Any = 0.99, epsilon: Any = 1e-5,
                axis_name: Any = None, axis_index_groups: Any = None, mask: jax.Array | None = None,
                unbiased_running_var: bool = False, dtype: Any = None, return_stats: bool = False,
                custom_vjp: bool = True, stats_route: str = "auto",
                ghost_batch_size: int | None = None, renorm_r_max: Any = None,
-               renorm_d_max: Any = None) -> _Returns | _ReturnsWithStats:
+               renorm_d_max: Any = None) -> _Returns[_State] | _ReturnsWithStats[_State]:
   r"""Batch normalization, as a pure function of parameters, running statistics and input.
 
   .. math::

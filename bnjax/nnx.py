@@ -229,11 +229,9 @@ class BatchNorm(nnx.Module):
     # raises the error that says how to fix them, or runs uncompiled.
     call = _compiled_batch_norm if _hashable(static.values()) else batch_norm
     train = static.pop("train")
-    renorm = {}
-    if train and (self.renorm_r_max is not None or self.renorm_d_max is not None):
-      renorm = dict(renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max)
     y, new_state = call(BatchNormParams(scale, bias), running, x, train, mask=mask, **static,
-                        **renorm)
+                        renorm_r_max=self.renorm_r_max if train else None,
+                        renorm_d_max=self.renorm_d_max if train else None)
     if train:
       self.mean[...] = new_state.mean
       self.var[...] = new_state.var

@@ -1,16 +1,17 @@
-"""Tools around the batch-norm core: folding into the previous layer for inference
-(`fold_batch_norm`, `fold_batch_norms`), frozen batch norm for fine-tuning (`norm_params_mask`,
-`norm_params_labels`, `norm_layer_paths` for linen; `norm_params_filter`, `params_except_norms`
-for NNX), precise population statistics after training (`precise_batch_stats` for linen; the
-building blocks `population_moments`, `merge_population`, `population_state`), the Batch Renormalization
-schedule (`renorm_schedule`).
+"""Tools around the batch-norm core, for inference, fine-tuning and after training.
 
-The folding tools import no flax; the freezing tools need flax and are imported on first use, so
-`import bnjax.tools` alone does not import flax.
+Folding into the previous layer for inference (`fold_batch_norm`, `fold_batch_norms`); frozen batch
+norm for fine-tuning (`norm_params_mask`, `norm_params_labels`, `norm_layer_paths` for linen;
+`norm_params_filter`, `params_except_norms` for NNX); precise population statistics after training
+(`precise_batch_stats` for linen; the building blocks `population_moments`, `merge_population`,
+`population_state`); the Batch Renormalization schedule (`renorm_schedule`).
+
+The folding, precise-statistics and schedule tools import no flax; the freezing tools need flax and
+are imported on first use, so `import bnjax.tools` alone does not import flax.
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnjax.tools.fold import FoldPair as FoldPair
 from bnjax.tools.fold import fold_batch_norm as fold_batch_norm
@@ -21,11 +22,20 @@ from bnjax.tools.precise import population_state as population_state
 from bnjax.tools.precise import precise_batch_stats as precise_batch_stats
 from bnjax.tools.renorm import renorm_schedule as renorm_schedule
 
+if TYPE_CHECKING:  # imported on first use (they import flax); named here for type checkers.
+  from bnjax.tools.freeze import norm_layer_paths as norm_layer_paths
+  from bnjax.tools.freeze import norm_params_filter as norm_params_filter
+  from bnjax.tools.freeze import norm_params_labels as norm_params_labels
+  from bnjax.tools.freeze import norm_params_mask as norm_params_mask
+  from bnjax.tools.freeze import params_except_norms as params_except_norms
+
 _FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
            "params_except_norms")
 
-__all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", "merge_population",
-           "population_moments", "population_state", "precise_batch_stats", "renorm_schedule", *_FREEZE]
+__all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", "merge_population",  # noqa: RUF022
+           "population_moments", "population_state", "precise_batch_stats", "renorm_schedule",
+           "norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
+           "params_except_norms"]
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import stats
-from bnjax.types import BatchNormState, BatchStats
+from bnjax.types import BatchNormState
+from bnjax.types import BatchStats
 
 __all__ = ["merge_population", "population_moments", "population_state", "precise_batch_stats"]
 
@@ -227,7 +228,7 @@ def _sown_layers(tree: Mapping[str, Any], path: tuple[Any, ...] = ()
     if key == "moments" and isinstance(value, tuple):
       found.append((path, value))
     elif isinstance(value, Mapping):
-      found.extend(_sown_layers(value, path + (key,)))
+      found.extend(_sown_layers(value, (*path, key)))
   return found
 
 
