@@ -4,7 +4,8 @@ Folding into the previous layer for inference (`fold_batch_norm`, `fold_batch_no
 norm for fine-tuning (`norm_params_mask`, `norm_params_labels`, `norm_layer_paths` for linen;
 `norm_params_filter`, `params_except_norms` for NNX); precise population statistics after training
 (`precise_batch_stats` for linen; the building blocks `population_moments`, `merge_population`,
-`population_state`); the Batch Renormalization schedule (`renorm_schedule`).
+`population_state`); the Batch Renormalization schedule (`renorm_schedule`); one running-statistics update per
+optimizer step under gradient accumulation (`update_from_micro_batches`, `pool_batch_stats`).
 
 The folding, precise-statistics and schedule tools import no flax; the freezing tools need flax and
 are imported on first use, so `import bnjax.tools` alone does not import flax.
@@ -13,6 +14,8 @@ are imported on first use, so `import bnjax.tools` alone does not import flax.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from bnjax.tools.accumulate import pool_batch_stats as pool_batch_stats
+from bnjax.tools.accumulate import update_from_micro_batches as update_from_micro_batches
 from bnjax.tools.fold import FoldPair as FoldPair
 from bnjax.tools.fold import fold_batch_norm as fold_batch_norm
 from bnjax.tools.fold import fold_batch_norms as fold_batch_norms
@@ -34,6 +37,7 @@ _FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm
 
 __all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", "merge_population",  # noqa: RUF022
            "population_moments", "population_state", "precise_batch_stats", "renorm_schedule",
+           "pool_batch_stats", "update_from_micro_batches",
            "norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
            "params_except_norms"]
 
