@@ -4,11 +4,12 @@ Folding into the previous layer for inference (`fold_batch_norm`, `fold_batch_no
 norm for fine-tuning (`norm_params_mask`, `norm_params_labels`, `norm_layer_paths` for linen;
 `norm_params_filter`, `params_except_norms` for NNX); precise population statistics after training
 (`precise_batch_stats` for linen; the building blocks `population_moments`, `merge_population`,
-`population_state`); the Batch Renormalization schedule (`renorm_schedule`); one running-statistics update per
-optimizer step under gradient accumulation (`update_from_micro_batches`, `pool_batch_stats`).
+`population_state`); the Batch Renormalization schedule (`renorm_schedule`); one update of the
+running statistics per optimizer step under gradient accumulation (`update_from_micro_batches`,
+`pool_batch_stats`).
 
-The folding, precise-statistics and schedule tools import no flax; the freezing tools need flax and
-are imported on first use, so `import bnjax.tools` alone does not import flax.
+The folding, precise-statistics, schedule and accumulation tools import no flax; the freezing
+tools need flax and are imported on first use, so `import bnjax.tools` alone does not import flax.
 """
 
 import importlib
