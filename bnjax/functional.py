@@ -4,7 +4,7 @@ from collections.abc import Sequence
 import functools
 import math
 import numbers
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 import jax
 from jax import lax
@@ -88,9 +88,12 @@ def from_torch_momentum(torch_momentum: float) -> float:
   return round(1.0 - m, 12)
 
 
-def update_running_stats(state: BatchNormState | CumulativeState, mean: jax.Array, var: jax.Array,
-                         count: jax.Array, momentum: Any, unbiased: bool
-                         ) -> tuple[BatchNormState | CumulativeState, jax.Array]:
+# The new running statistics have the type of the old: `CumulativeState` in, `CumulativeState` out.
+_State = TypeVar("_State", bound=BatchNormState | CumulativeState)
+
+
+def update_running_stats(state: _State, mean: jax.Array, var: jax.Array, count: jax.Array,
+                         momentum: Any, unbiased: bool) -> tuple[_State, jax.Array]:
   """Moves the running averages toward one batch's statistics, channel by channel.
 
   ``new = momentum * old + (1 - momentum) * batch``, computed in at least float32 and returned in
@@ -136,7 +139,8 @@ def update_running_stats(state: BatchNormState | CumulativeState, mean: jax.Arra
   updates = _checks.update_counter(state)
   if updates is not None:
     updates = jnp.where(updated, updates + 1, updates).astype(updates.dtype)
-  if momentum is None:  # the n-th update weighs the batch 1/n: the equal-weight average.
+  if momentum is None and updates is not None:  # (checked above: None needs a counter.)
+    # The n-th update weighs the batch 1/n: the equal-weight average.
     momentum = 1 - 1 / jnp.maximum(updates, 1).astype(dtype)
   momentum = jnp.asarray(momentum, dtype)
   old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
@@ -147,12 +151,10 @@ def update_running_stats(state: BatchNormState | CumulativeState, mean: jax.Arra
       var=jnp.where(updated, new_var, old_var).astype(state.var.dtype),
   )
   if updates is not None:
-    return CumulativeState(*new_state, count=updates), updated
-  return new_state, updated
+    return cast(_State, CumulativeState(*new_state, count=updates)), updated
+  return cast(_State, new_state), updated
 
 
-# The new running statistics have the type of the old: `CumulativeState` in, `CumulativeState` out.
-_State = TypeVar("_State", BatchNormState, CumulativeState)
 _Returns = tuple[jax.Array, _State]
 _ReturnsWithStats = tuple[jax.Array, _State, BatchStats]
 
