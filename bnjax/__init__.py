@@ -6,7 +6,7 @@ import Flax. `bnjax.BatchNorm` is the documented alias of `bnjax.linen.BatchNorm
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnjax.functional import batch_norm as batch_norm
 from bnjax.functional import from_torch_momentum as from_torch_momentum
@@ -16,11 +16,18 @@ from bnjax.types import BatchNormParams as BatchNormParams
 from bnjax.types import BatchNormState as BatchNormState
 from bnjax.types import BatchStats as BatchStats
 
+if TYPE_CHECKING:  # What the lazy names are, for type checkers.
+  from bnjax import interop as interop
+  from bnjax import linen as linen
+  from bnjax import nnx as nnx
+  from bnjax import tools as tools
+  from bnjax.linen import BatchNorm as BatchNorm
+
 __version__ = "0.1.0"
 
 # Names served on first access, so that the pure core never imports Flax.
 _LAZY = {"BatchNorm": ("bnjax.linen", "BatchNorm")}
-_SUBMODULES = ("linen", "nnx")
+_SUBMODULES = ("interop", "linen", "nnx", "tools")
 
 __all__ = [
     "BatchNorm",

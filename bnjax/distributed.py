@@ -1,4 +1,4 @@
-"""The one place bnjax talks across devices: every `lax` collective in the library is in this module.
+"""The one place bnjax talks across devices: every `lax` collective of the library is here.
 
 Per-device moments are combined with all-reduces of per-channel power sums around a pivot that
 every device provably shares, so the bytes on the wire do not grow with the device count:
@@ -44,6 +44,7 @@ _COUNT_SPLIT = 4096  # count = high * 4096 + low: both parts sum exactly in floa
 
 
 def axis_names(axis_name: Any) -> tuple[Any, ...]:
+  """`axis_name` as a tuple of axis names (a single name becomes a 1-tuple)."""
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
@@ -92,12 +93,16 @@ def partition_matrix(groups: Any, size: int, where: str) -> np.ndarray:
 
 
 def _membership(groups: Any) -> np.ndarray:
-  """`partition_matrix` of already validated groups; the axis size is their total size, so no
-  axis lookup is needed (a custom VJP's backward may run after a `vmap` axis is gone)."""
+  """`partition_matrix` of already validated groups.
+
+  The axis size is their total size, so no axis lookup is needed (a custom VJP's backward may run
+  after a `vmap` axis is gone).
+  """
   return partition_matrix(groups, sum(len(g) for g in groups), "bnjax")
 
 
 def smallest_group(groups: Sequence[Sequence[int]] | None, size: int) -> int:
+  """The number of devices in the smallest group (`size`, the axis size, without groups)."""
   return size if groups is None else min(len(g) for g in groups)
 
 
@@ -115,8 +120,11 @@ def group_index(axis_name: Any, groups: Any) -> jax.Array | None:
 
 def _sum_table(values: jax.Array, axis_name: Any, groups: Any, index: jax.Array | None
                ) -> jax.Array:
-  """All-reduces `values`; with groups, a ``[groups, ...]`` table of each group's sum (one
-  all-reduce, every device receives every group's sum)."""
+  """All-reduces `values`.
+
+  With groups, a ``[groups, ...]`` table of each group's sum (one all-reduce, every device
+  receives every group's sum).
+  """
   if groups is None:
     return lax.psum(values, axis_names(axis_name))
   rows = jnp.arange(len(groups), dtype=jnp.int32) == index
@@ -161,8 +169,11 @@ def _join_count(high: jax.Array, low: jax.Array) -> jax.Array:
 def _round(moments: Moments, pivot: jax.Array, axis_name: Any, groups: Any,
            index: jax.Array | None, count_shape: tuple[int, ...] | None, static_total: Any
            ) -> tuple[Moments, jax.Array]:
-  """One all-reduce of power sums around `pivot`; returns the merged moments and `precise`
-  (a scalar identical on every device: with groups, every group's check together)."""
+  """One all-reduce of power sums around `pivot`.
+
+  Returns the merged moments and `precise` (a scalar identical on every device: with groups, every
+  group's check together).
+  """
   sum_a, sum_sq = stats.power_sums(moments, pivot)
   dtype = sum_sq.dtype
   parts = [sum_a, sum_sq]
@@ -174,10 +185,12 @@ def _round(moments: Moments, pivot: jax.Array, axis_name: Any, groups: Any,
   table = _sum_table(jnp.concatenate([p.reshape(-1) for p in parts]), axis_name, groups, index)
   flat_parts = jnp.split(table, np.cumsum(sizes)[:-1], axis=-1)
   lead = table.shape[:-1]  # (groups,) or ().
-  parts = [p.reshape(lead + s) for p, s in zip(flat_parts, shapes)]
+  parts = [p.reshape(lead + s) for p, s in zip(flat_parts, shapes, strict=True)]
   if count_shape is None:
-    total = (jnp.broadcast_to(static_total, lead + sum_a.shape) if isinstance(static_total, jax.Array)
-             else jnp.full(lead + sum_a.shape, static_total, stats.count_dtype()))
+    if isinstance(static_total, jax.Array):
+      total = jnp.broadcast_to(static_total, lead + sum_a.shape)
+    else:
+      total = jnp.full(lead + sum_a.shape, static_total, stats.count_dtype())
   else:
     total = jnp.broadcast_to(_join_count(parts[2], parts[3]), lead + sum_a.shape)
   every_group, precise = stats.from_power_sums(total, pivot, parts[0], parts[1])
@@ -230,15 +243,15 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
                                                ).reshape((-1,) + (1,) * moments.delta.ndim)
   index = group_index(axis_name, axis_index_groups)
 
-  def run(pivot):
+  def run(pivot: jax.Array) -> tuple[Moments, jax.Array]:
     return _round(moments, pivot, axis_name, axis_index_groups, index, count_shape, static_total)
 
 
-  def adaptive():
+  def adaptive() -> Moments:
     first, precise = run(pivot)
     return lax.cond(precise, lambda: first, lambda: run(first.mean)[0])
 
-  def always_twice():
+  def always_twice() -> Moments:
     first, _ = run(pivot)
     return run(first.mean)[0]
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax.functional import batch_norm
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 # The collection that per-layer diagnostics are written to, when it is made mutable by name.
 DIAGNOSTICS = "diagnostics"
@@ -22,7 +23,8 @@ class BatchNorm(nn.Module):
 
   It declares ``params`` (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``) exactly as
   Flax does, calls `bnjax.batch_norm` and writes the new running statistics back. Compared with
-  Flax, the statistics are exact (shifted by a data pivot, count-weighted across devices, NaN-safe masks,
+  Flax, the statistics are exact (shifted by a data pivot, count-weighted across devices, NaN-safe
+  masks,
   running statistics that a bad batch cannot poison), and training with one value per channel
   raises. ``use_fast_variance`` and ``force_float32_reductions`` are accepted so existing code
   runs unchanged; bnjax always computes exact statistics in at least float32.
@@ -120,7 +122,7 @@ class BatchNorm(nn.Module):
       # meaningless and are not stored during init, so normalise with the initial state instead.
       reduce_axes = tuple(a for a in range(jnp.ndim(x)) if a not in feature_axes)
       train = _checks.static_count(jnp.shape(x), reduce_axes) > 1
-    outputs = batch_norm(
+    outputs: tuple[Any, ...] = batch_norm(
         BatchNormParams(scale, bias), BatchNormState(ra_mean.value, ra_var.value), x, train,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if initializing else self.axis_name,
@@ -137,8 +139,10 @@ class BatchNorm(nn.Module):
 
 
 def requested(module: nn.Module, collection: str) -> bool:
-  """Whether `collection` was made mutable by name (not merely by ``mutable=True``), so that
-  diagnostics never change the variable tree of code written for Flax."""
+  """Whether `collection` was made mutable by name (not merely by ``mutable=True``).
+
+  So that diagnostics never change the variable tree of code written for Flax.
+  """
   mutable = module.scope.mutable if module.scope is not None else False
   if isinstance(mutable, str):
     return mutable == collection

@@ -8,15 +8,20 @@ from typing import Any
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 import jax
+import jax.core
 import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax.functional import batch_norm
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 __all__ = ["BatchNorm"]
 
 _WHERE = "bnjax.nnx.BatchNorm"
+# Flax's default initialisers, built once (a call in a default argument would run at import anyway).
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
 
 # NNX layers are often called eagerly (outside `nnx.jit`). There, `batch_norm` would dispatch op by
 # op; compiled once per configuration it costs what one fused call costs. Inside `nnx.jit`,
@@ -116,8 +121,8 @@ class BatchNorm(nnx.Module):
       param_dtype: Any = jnp.float32,
       use_bias: bool = True,
       use_scale: bool = True,
-      bias_init: Callable[..., jax.Array] = nnx.initializers.zeros_init(),
-      scale_init: Callable[..., jax.Array] = nnx.initializers.ones_init(),
+      bias_init: Callable[..., jax.Array] = _ZEROS,
+      scale_init: Callable[..., jax.Array] = _ONES,
       axis_name: Any = None,
       axis_index_groups: Any = None,
       use_fast_variance: bool = True,
@@ -127,7 +132,8 @@ class BatchNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       unbiased_running_var: bool = False,
       custom_vjp: bool = True,
-  ):
+  ) -> None:
+    """Creates the parameters and running statistics (arguments: see the class docstring)."""
     feature_shape = _feature_shape(num_features)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -187,11 +193,12 @@ class BatchNorm(nnx.Module):
     x = jnp.asarray(x)
     feature_axes = _checks.canonical_axes(x.ndim, self.axis, _WHERE)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
+    shown = feature_shape[0] if len(feature_shape) == 1 else feature_shape
     if feature_shape != tuple(self.mean.shape):
       raise ValueError(
           f"{_WHERE}: `x` of shape {tuple(x.shape)} has feature shape {feature_shape} along "
           f"axis={self.axis}, but the layer was built with num_features={self.num_features!r}. "
-          f"Build it with `num_features={feature_shape[0] if len(feature_shape) == 1 else feature_shape}` "
+          f"Build it with `num_features={shown}` "
           "or pass the `axis` it was made for.")
 
     scale = None if self.scale is None else self.scale[...]
@@ -201,10 +208,10 @@ class BatchNorm(nnx.Module):
       x, _, _, scale, bias = self.promote_dtype(
           (x, running.mean, running.var, scale, bias), dtype=self.dtype)
 
-    static = dict(train=not use_running_average, axis=feature_axes, momentum=self.momentum,
-                  epsilon=self.epsilon, axis_name=self.axis_name,
-                  axis_index_groups=self.axis_index_groups,
-                  unbiased_running_var=self.unbiased_running_var, custom_vjp=self.custom_vjp)
+    static: dict[str, Any] = dict(
+        train=not use_running_average, axis=feature_axes, momentum=self.momentum,
+        epsilon=self.epsilon, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        unbiased_running_var=self.unbiased_running_var, custom_vjp=self.custom_vjp)
     # Unhashable settings (e.g. a traced `use_running_average`) go to `batch_norm` directly, which
     # raises the error that says how to fix them, or runs uncompiled.
     call = _compiled_batch_norm if _hashable(static.values()) else batch_norm
@@ -215,7 +222,7 @@ class BatchNorm(nnx.Module):
       self.var[...] = new_state.var
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None) -> None:
     """Used by ``nnx.view``.
 
     Args:

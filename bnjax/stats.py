@@ -55,7 +55,10 @@ ROUTES = ("auto", "adaptive", "one_pass")
 
 
 class Moments(NamedTuple):
-  """Per-channel moments of the valid values; every field has the shape of `x` with reduced axes kept as 1."""
+  """Per-channel moments of the valid values.
+
+  Every field has the shape of `x` with the reduced axes kept as size 1.
+  """
 
   count: jax.Array  # number of valid values; int32 (int64 under x64).
   pivot: jax.Array  # a reference value near the mean (0 where there is no data); no gradient.
@@ -64,6 +67,7 @@ class Moments(NamedTuple):
 
   @property
   def mean(self) -> jax.Array:
+    """The mean, ``pivot + delta``."""
     return self.pivot + self.delta
 
   @property
@@ -74,13 +78,14 @@ class Moments(NamedTuple):
 
 def count_dtype() -> Any:
   """The integer dtype of counts: int32, or int64 when ``jax_enable_x64`` is set."""
-  return jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.int64))
 
 
 def is_precise(sum_sq: jax.Array, centred_sq: jax.Array) -> jax.Array:
-  """Whether a one-pass ``centred_sq = sum_sq - (sum)**2 / n`` lost at most log2(MAX_CANCELLATION) bits.
+  """Whether a one-pass ``centred_sq = sum_sq - (sum)**2 / n`` is precise enough.
 
-  A scalar bool over all channels; False where either is NaN, so NaN takes the careful path.
+  Precise: at most log2(MAX_CANCELLATION) bits lost. A scalar bool over all channels; False
+  where either is NaN, so NaN takes the careful path.
   """
   return jnp.all(sum_sq <= MAX_CANCELLATION * centred_sq)
 
@@ -100,11 +105,11 @@ def _first_valid(x: jax.Array, mask: jax.Array, reduce_axes: tuple[int, ...]) ->
   if varying:
     others = [a for a in range(ndim) if a not in varying]
     flat = jnp.transpose(mask, varying + others).reshape(
-        (-1,) + tuple(mask.shape[a] for a in others))
+        (-1, *tuple(mask.shape[a] for a in others)))
     first = jnp.argmax(flat, axis=0)  # shape: mask's other axes.
     coords = jnp.unravel_index(first, tuple(mask.shape[a] for a in varying))
     full_shape = tuple(1 if a in varying else mask.shape[a] for a in range(ndim))
-    coord_of = {a: c.reshape(full_shape) for a, c in zip(varying, coords)}
+    coord_of = {a: c.reshape(full_shape) for a, c in zip(varying, coords, strict=True)}
   index = []
   for a in range(ndim):
     if a in reduce_axes:
@@ -116,13 +121,15 @@ def _first_valid(x: jax.Array, mask: jax.Array, reduce_axes: tuple[int, ...]) ->
 
 
 def align(value: jax.Array, like: jax.Array) -> jax.Array:
-  """`value` resharded to `like`'s sharding along the dimensions they share, where the types carry
-  Explicit mesh axes (`jax.make_mesh`'s default), so that `jnp.where` and friends accept them
-  together; a no-op everywhere else. Both have the same rank; dimensions of `value` that are 1
-  while `like`'s are not stay unsharded."""
+  """`value` resharded to `like`'s sharding along the dimensions they share.
+
+  Only where the types carry Explicit mesh axes (`jax.make_mesh`'s default), so that
+  `jnp.where` and friends accept them together; a no-op everywhere else. Both have the same
+  rank; dimensions of `value` that are 1 while `like`'s are not stay unsharded.
+  """
   sharding = getattr(jax.typeof(like), "sharding", None)
   spec = getattr(sharding, "spec", None)
-  if spec is None or all(s is None for s in spec):
+  if sharding is None or spec is None or all(s is None for s in spec):
     return value
   target = tuple(s if value.shape[d] == like.shape[d] else None for d, s in enumerate(spec))
   current = getattr(getattr(jax.typeof(value), "sharding", None), "spec", None)
@@ -133,20 +140,25 @@ def align(value: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _on_a_mesh(x: jax.Array) -> bool:
-  """Whether `x`'s type places it on a mesh of several devices (sharded `jit`, Auto or Explicit
-  axes), where gathering a few leading rows would move data between devices (or, with Explicit
-  axes, is a type error): there the pivot is selected by a reduction instead."""
+  """Whether `x`'s type places it on a mesh of several devices.
+
+  That is sharded `jit`, with Auto or Explicit axes, where gathering a few leading rows would
+  move data between devices (or, with Explicit axes, is a type error): there the pivot is
+  selected by a reduction instead.
+  """
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
   if mesh is None or getattr(mesh, "empty", True):
     return False
   return any(size > 1 and kind != jax.sharding.AxisType.Manual
-             for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
+             for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
 
 
 def _first_valid_by_reduction(x: jax.Array, mask: jax.Array | None,
                               reduce_axes: tuple[int, ...]) -> jax.Array:
-  """`_first_valid` (or the first value) for explicitly sharded inputs, without gathers or slices:
-  the value is selected by an exact sum of one value and zeros."""
+  """`_first_valid` (or the first value) for explicitly sharded inputs.
+
+  Without gathers or slices: the value is selected by an exact sum of one value and zeros.
+  """
   linear = jnp.zeros((1,) * x.ndim, jnp.int32)
   for a in reduce_axes:
     iota = lax.broadcasted_iota(jnp.int32, tuple(x.shape[a] if b == a else 1
@@ -229,7 +241,8 @@ def _valid_count_like(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[i
   return align(valid_count(x.shape, mask, reduce_axes), x)
 
 
-def _shifted_sums(x, mask, reduce_axes, pivot, count):
+def _shifted_sums(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...],
+                  pivot: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(delta, m2, precise) from one pass of sums of ``x - pivot`` and its square."""
   zero = jnp.zeros((), x.dtype)
   shifted = x - pivot if mask is None else jnp.where(mask, x - pivot, zero)
@@ -240,7 +253,8 @@ def _shifted_sums(x, mask, reduce_axes, pivot, count):
   return delta, m2, is_precise(sum_dd, m2)
 
 
-def _exact_m2(x, mask, reduce_axes, pivot, delta):
+def _exact_m2(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...],
+              pivot: jax.Array, delta: jax.Array) -> jax.Array:
   """The second pass: sum of ``((x - pivot) - delta)**2`` over the valid values."""
   centred = (x - pivot) - delta  # From x again, so that the shifted data is never written out.
   if mask is not None:
@@ -248,7 +262,7 @@ def _exact_m2(x, mask, reduce_axes, pivot, delta):
   return jnp.sum(centred * centred, axis=reduce_axes, keepdims=True)
 
 
-def _no_reduction(x, mask, count):
+def _no_reduction(x: jax.Array, mask: jax.Array | None, count: jax.Array) -> Moments:
   """Moments when no axis is reduced (one value per channel and device, e.g. per-example `vmap`)."""
   valid = jnp.isfinite(x) if mask is None else mask & jnp.isfinite(x)
   pivot = lax.stop_gradient(jnp.where(valid, x, jnp.zeros((), x.dtype)))
@@ -284,7 +298,7 @@ def adaptive_moments(x: jax.Array, mask: jax.Array | None,
   if not reduce_axes:
     return _no_reduction(x, mask, count)
 
-  def with_data_pivot(_):
+  def with_data_pivot(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     pivot = data_pivot(x, mask, reduce_axes)
     delta, m2, precise = _shifted_sums(x, mask, reduce_axes, pivot, count)
     m2 = lax.cond(precise, lambda _: m2,
@@ -314,24 +328,24 @@ def route_dispatch(adaptive: Callable[..., Any], one_pass: Callable[..., Any], r
   if route == "one_pass":
     return one_pass
 
-  def by_platform(*args):
+  def by_platform(*args: Any) -> Any:
     return lax.platform_dependent(*args, cpu=adaptive, default=one_pass)
 
   batched = custom_vmap(by_platform)
 
   @batched.def_vmap
-  def _vmap_rule(axis_size, in_batched, *args):
+  def _vmap_rule(axis_size: int, in_batched: Any, *args: Any) -> tuple[Any, Any]:
     del axis_size
     in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, flags) for flags in in_batched)
     out = jax.vmap(one_pass, in_axes=in_axes)(*args)
     return out, jax.tree.map(lambda _: True, out)
 
   @jax.custom_jvp
-  def dispatched(*args):
+  def dispatched(*args: Any) -> Any:
     return batched(*args)
 
   @dispatched.defjvp
-  def _jvp(primals, tangents_in):
+  def _jvp(primals: Any, tangents_in: Any) -> tuple[Any, Any]:
     _, tangents_out = jax.jvp(tangents or one_pass, primals, tangents_in)
     return dispatched(*primals), tangents_out
 
@@ -340,8 +354,11 @@ def route_dispatch(adaptive: Callable[..., Any], one_pass: Callable[..., Any], r
 
 def _two_pass_moments(x: jax.Array, mask: jax.Array | None,
                       reduce_axes: tuple[int, ...]) -> Moments:
-  """Moments by a data pivot and two passes: the differentiable reference whose tangents are exact
-  (``d m2 = 2 sum((x - mean) dx)``, nothing cancels)."""
+  """Moments by a data pivot and two passes.
+
+  The differentiable reference whose tangents are exact (``d m2 = 2 sum((x - mean) dx)``,
+  nothing cancels).
+  """
   count = _valid_count_like(x, mask, reduce_axes)
   if not reduce_axes:
     return _no_reduction(x, mask, count)
@@ -375,7 +392,7 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
 
 
 def merge_moments(parts: Moments, axis: int = 0) -> Moments:
-  """Merges moments of disjoint parts of a batch, stacked along `axis`, into the moments of their union.
+  """Merges moments of disjoint parts of a batch, stacked along `axis`, into those of the union.
 
   Chan, Golub & LeVeque's pairwise formula, generalised to N parts: with ``a_i`` each part's mean
   measured from a common reference (the pivot of the first part with data),
@@ -439,7 +456,18 @@ def from_power_sums(count: jax.Array, pivot: jax.Array, sum_a: jax.Array,
 
 
 __all__ = [
-    "MAX_CANCELLATION", "Moments", "ROUTES", "adaptive_moments", "count_dtype", "data_pivot",
-    "from_power_sums", "is_precise", "local_moments", "merge_moments", "one_pass_moments",
-    "power_sums", "route_dispatch", "valid_count",
+  "MAX_CANCELLATION",
+  "ROUTES",
+  "Moments",
+  "adaptive_moments",
+  "count_dtype",
+  "data_pivot",
+  "from_power_sums",
+  "is_precise",
+  "local_moments",
+  "merge_moments",
+  "one_pass_moments",
+  "power_sums",
+  "route_dispatch",
+  "valid_count",
 ]
