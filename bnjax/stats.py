@@ -443,3 +443,182 @@ __all__ = [
     "from_power_sums", "is_precise", "local_moments", "merge_moments", "one_pass_moments",
     "power_sums", "route_dispatch", "valid_count",
 ]
+
+
+# ============================================================================ covariance moments
+#
+# Whitening (`bnjax.whitening`) needs, per group of d channels, the mean and the centred
+# cross-product matrix of the valid rows. They are kept in the same shifted form as `Moments`:
+# ``mean = pivot + delta`` with a data pivot, so that data far from zero loses nothing, and they
+# merge across parts of a batch with Chan's formula, which holds for matrices as it does for
+# scalars (the outer product replaces the square). Rows are the positions of the batch; a row is
+# valid or not as a whole (the mask does not vary along the channels), so every group has the same
+# count.
+#
+# The local statistics take two passes: the mean from sums shifted by the pivot, then the exact
+# cross products of the centred rows, ``sum((x - mean)(x - mean)^T)``. Nothing cancels, and the
+# centred rows are what the whitening layer multiplies by its matrix anyway.
+
+
+class CovarianceMoments(NamedTuple):
+  """Per-group mean and centred cross products of the valid rows of a ``[m, G, d]`` batch."""
+
+  count: jax.Array  # shape=[G], int32 (int64 under x64); valid rows behind each group.
+  pivot: jax.Array  # shape=[G, d]; a value near each channel's mean; no gradient.
+  delta: jax.Array  # shape=[G, d]; mean - pivot, in the statistics dtype.
+  cross: jax.Array  # shape=[G, d, d]; sum over valid rows of (x - mean)(x - mean)^T.
+
+  @property
+  def mean(self) -> jax.Array:
+    return self.pivot + self.delta
+
+  @property
+  def covariance(self) -> jax.Array:
+    """The biased covariance ``cross / count`` (0 where count is 0), shape [G, d, d]."""
+    return self.cross / jnp.maximum(self.count, 1).astype(self.cross.dtype)[..., None, None]
+
+
+def group_gram(a_MxGxD: jax.Array, b_MxGxD: jax.Array | None = None) -> jax.Array:
+  """``sum_m a[m, g, :]^T b[m, g, :]`` for every group g: shape [G, d, d], at full precision.
+
+  ``b`` defaults to ``a`` (the cross products of one array).
+  """
+  b_MxGxD = a_MxGxD if b_MxGxD is None else b_MxGxD
+  return jnp.einsum("mgi,mgj->gij", a_MxGxD, b_MxGxD, precision=lax.Precision.HIGHEST)
+
+
+def centre_rows(x_MxGxD: jax.Array, mask_M: jax.Array | None, pivot_GxD: jax.Array,
+                delta_GxD: jax.Array, *, zero_invalid: bool) -> jax.Array:
+  """``(x - pivot) - delta`` row by row.
+
+  With ``zero_invalid`` the rows outside `mask_M` are 0 (what the statistics sum); without it a
+  non-finite value in such a row is replaced by the mean first, so it is centred to exactly 0
+  (what a layer outputs there) and no NaN reaches a gradient.
+  """
+  pivot, delta = pivot_GxD[None], delta_GxD[None]
+  if mask_M is None:
+    return (x_MxGxD - pivot) - delta
+  valid = mask_M[:, None, None]
+  if zero_invalid:
+    return jnp.where(valid, (x_MxGxD - pivot) - delta, jnp.zeros((), x_MxGxD.dtype))
+  safe = jnp.where(valid | jnp.isfinite(x_MxGxD), x_MxGxD, pivot + delta)
+  return (safe - pivot) - delta
+
+
+def local_covariance(x_MxGxD: jax.Array, mask_M: jax.Array | None
+                     ) -> tuple[CovarianceMoments, jax.Array]:
+  """Exact covariance moments of the valid rows of `x`, and its centred rows.
+
+  The pivot is `data_pivot` (the mean of the leading rows, or the first valid row), the mean
+  comes from sums of ``x - pivot``, and the cross products from the rows centred by that mean:
+  two passes, so nothing cancels whatever the offset of the data.
+
+  Args:
+    x_MxGxD: rows of channels split into G groups of d, in the statistics dtype.
+    mask_M: None, or a bool array of shape [m]: the valid rows.
+
+  Returns:
+    ``(moments, centred)``: `CovarianceMoments`, and ``(x - mean)`` with invalid rows 0 (shape of
+    `x`).
+  """
+  rows, groups, _ = x_MxGxD.shape
+  if mask_M is None:
+    count = jnp.full((groups,), rows, count_dtype())
+    mask3 = None
+  else:
+    count = jnp.full((groups,), jnp.sum(mask_M, dtype=count_dtype()), count_dtype())
+    mask3 = mask_M[:, None, None]
+  pivot = data_pivot(x_MxGxD, mask3, (0,))  # [1, G, d]
+  zero = jnp.zeros((), x_MxGxD.dtype)
+  shifted = x_MxGxD - pivot if mask3 is None else jnp.where(mask3, x_MxGxD - pivot, zero)
+  delta = jnp.sum(shifted, axis=0) / jnp.maximum(count, 1).astype(x_MxGxD.dtype)[:, None]
+  pivot = pivot[0]
+  centred = centre_rows(x_MxGxD, mask_M, pivot, delta, zero_invalid=True)
+  return CovarianceMoments(count, pivot, delta, group_gram(centred)), centred
+
+
+def _outer(a: jax.Array, b: jax.Array) -> jax.Array:
+  return a[..., :, None] * b[..., None, :]
+
+
+def merge_covariances(parts: CovarianceMoments, axis: int = 0) -> CovarianceMoments:
+  """Merges covariance moments of disjoint parts of a batch, stacked along `axis`.
+
+  Chan's formula for matrices: with ``a_k`` each part's mean measured from a common reference
+  (the pivot of the first part with data),
+
+      count = sum(n_k),   delta = sum(n_k a_k) / count,
+      cross = sum(cross_k) + sum(n_k (a_k - delta)(a_k - delta)^T).
+
+  Exact for unequal counts, parts without data (ignored) and pivots far apart: both sums run over
+  values already in memory, so nothing cancels.
+
+  Args:
+    parts: `CovarianceMoments` whose fields are stacked along `axis`.
+    axis: the stacking axis (of the count; the other fields have it at the same position).
+
+  Returns:
+    `CovarianceMoments` of the union, without the stacking axis.
+  """
+  count = jnp.moveaxis(parts.count, axis, 0)
+  pivot, delta, cross = (jnp.moveaxis(v, axis, 0) for v in (parts.pivot, parts.delta, parts.cross))
+  dtype = cross.dtype
+  has_data = count > 0  # [P, G]
+  weight = count.astype(dtype)[..., None]  # [P, G, 1]
+  total = jnp.sum(count, axis=0)
+  first = jnp.argmax(has_data, axis=0)  # [G]
+  reference = jnp.take_along_axis(pivot, first[None, :, None], axis=0)[0]
+  offset = jnp.where(has_data[..., None], (pivot - reference) + delta, jnp.zeros((), dtype))
+  global_delta = (jnp.sum(weight * offset, axis=0)
+                  / jnp.maximum(total, 1).astype(dtype)[:, None])
+  spread = offset - global_delta[None]
+  global_cross = (jnp.sum(jnp.where(has_data[..., None, None], cross, jnp.zeros((), dtype)), axis=0)
+                  + jnp.sum(weight[..., None] * _outer(spread, spread), axis=0))
+  return CovarianceMoments(total, reference, global_delta, global_cross)
+
+
+def covariance_power_sums(moments: CovarianceMoments, pivot: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """``(n a, cross + n a a^T)`` with ``a = mean - pivot``: sums that add up across parts.
+
+  Parts that share `pivot` (shape [G, d]) merge by summing these and their counts, then
+  `covariance_from_power_sums`.
+  """
+  dtype = moments.cross.dtype
+  weight = moments.count.astype(dtype)[:, None]
+  offset = jnp.where(moments.count[:, None] > 0, (moments.pivot - pivot) + moments.delta,
+                     jnp.zeros((), dtype))
+  return weight * offset, moments.cross + weight[..., None] * _outer(offset, offset)
+
+
+def covariance_from_power_sums(count: jax.Array, pivot: jax.Array, sum_a: jax.Array,
+                               sum_cross: jax.Array) -> tuple[CovarianceMoments, jax.Array]:
+  """Covariance moments from summed `covariance_power_sums` around a shared `pivot`.
+
+  ``cross = sum_cross - n delta delta^T`` loses ``log2(1 + k**2)`` bits on the diagonal for a
+  pivot ``k`` standard deviations from the merged mean; ``precise`` (a scalar bool) says whether
+  that stayed within ``log2(MAX_CANCELLATION)`` bits for every channel. Leading axes (a table of
+  groups of devices) broadcast.
+  """
+  dtype = sum_cross.dtype
+  delta = sum_a / jnp.maximum(count, 1).astype(dtype)[..., None]
+  # (delta_i * delta_j) * n is symmetric bit for bit.
+  cross = sum_cross - _outer(delta, delta) * count.astype(dtype)[..., None, None]
+  diagonal = jnp.diagonal(cross, axis1=-2, axis2=-1)
+  cross = cross - _diag_embed(jnp.minimum(diagonal, jnp.zeros((), dtype)))  # no negative variance.
+  pivot = jnp.broadcast_to(pivot.astype(dtype), delta.shape)
+  precise = is_precise(jnp.diagonal(sum_cross, axis1=-2, axis2=-1),
+                       jnp.diagonal(cross, axis1=-2, axis2=-1))
+  return CovarianceMoments(count, pivot, delta, cross), precise
+
+
+def _diag_embed(v: jax.Array) -> jax.Array:
+  eye = jnp.eye(v.shape[-1], dtype=v.dtype).reshape((1,) * (v.ndim - 1) + (v.shape[-1],) * 2)
+  return v[..., :, None] * eye
+
+
+
+__all__ += [
+    "CovarianceMoments", "centre_rows", "covariance_from_power_sums", "covariance_power_sums",
+    "group_gram", "local_covariance", "merge_covariances",
+]
