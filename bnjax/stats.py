@@ -567,14 +567,14 @@ def merge_covariances(parts: CovarianceMoments, axis: int = 0) -> CovarianceMome
   weight = count.astype(dtype)[..., None]  # [P, G, 1]
   total = jnp.sum(count, axis=0)
   first = jnp.argmax(has_data, axis=0)  # [G]
-  reference = jnp.take_along_axis(pivot, first[None, :, None], axis=0)[0]
+  reference = jnp.take_along_axis(pivot, first[None, :, None], axis=0)  # [1, G, d]
   offset = jnp.where(has_data[..., None], (pivot - reference) + delta, jnp.zeros((), dtype))
   global_delta = (jnp.sum(weight * offset, axis=0)
                   / jnp.maximum(total, 1).astype(dtype)[:, None])
   spread = offset - global_delta[None]
   global_cross = (jnp.sum(jnp.where(has_data[..., None, None], cross, jnp.zeros((), dtype)), axis=0)
                   + jnp.sum(weight[..., None] * _outer(spread, spread), axis=0))
-  return CovarianceMoments(total, reference, global_delta, global_cross)
+  return CovarianceMoments(total, reference[0], global_delta, global_cross)
 
 
 def covariance_power_sums(moments: CovarianceMoments, pivot: jax.Array
