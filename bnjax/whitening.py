@@ -61,6 +61,7 @@ variance are then multiplied by up to ``ε^(-1/2)`` (≈ 316 for ε = 1e-5) but 
 signal; a constant channel outputs exactly ``bias``.
 """
 
+import functools
 import math
 import numbers
 from typing import Any, Literal, NamedTuple, overload
@@ -395,9 +396,19 @@ def _from_groups(v: jax.Array, layout: GroupLayout) -> jax.Array:
   return v if layout.padded == layout.channels else v[..., :layout.channels]
 
 
-def _apply(w_GxDxD: jax.Array, centred_MxGxD: jax.Array) -> jax.Array:
-  """``x_hat[m, g] = W[g] @ centred[m, g]``."""
-  return jnp.einsum("gij,mgj->mgi", w_GxDxD, centred_MxGxD, precision=_HIGHEST)
+def _output(w: jax.Array, rows_GxMxD: jax.Array, shift_GxD: jax.Array, scale: jax.Array | None,
+            bias: jax.Array | None) -> jax.Array:
+  """``y = scale * W (rows - shift) + bias`` row by row, shape [m, G, d].
+
+  ``W rows`` is one batched product (group axis first); ``W shift`` is folded into the
+  elementwise pass that transposes back to rows.
+  """
+  z = jnp.einsum("gij,gmj->gmi", w, rows_GxMxD, precision=_HIGHEST)
+  w_shift = jnp.einsum("gij,gj->gi", w, shift_GxD, precision=_HIGHEST)
+  y = jnp.transpose(z, (1, 0, 2)) - w_shift[None]
+  if scale is not None:
+    y = y * scale[None]
+  return y if bias is None else y + bias[None]
 
 
 def _pad_identity(matrix: jax.Array, layout: GroupLayout) -> jax.Array:
@@ -419,8 +430,8 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
                          epsilon: Any = ..., axis_name: Any = ..., axis_index_groups: Any = ...,
                          mask: jax.Array | None = ..., running_estimate: str = ...,
                          unbiased_running_cov: bool = ..., dtype: Any = ...,
-                         return_stats: Literal[False] = ..., stats_route: str = ...
-                         ) -> _Returns: ...
+                         return_stats: Literal[False] = ..., stats_route: str = ...,
+                         custom_vjp: bool = ...) -> _Returns: ...
 
 
 @overload
@@ -430,8 +441,8 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
                          epsilon: Any = ..., axis_name: Any = ..., axis_index_groups: Any = ...,
                          mask: jax.Array | None = ..., running_estimate: str = ...,
                          unbiased_running_cov: bool = ..., dtype: Any = ...,
-                         return_stats: Literal[True], stats_route: str = ...
-                         ) -> _ReturnsWithStats: ...
+                         return_stats: Literal[True], stats_route: str = ...,
+                         custom_vjp: bool = ...) -> _ReturnsWithStats: ...
 
 
 def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.Array,
@@ -440,8 +451,8 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
                          epsilon: Any = 1e-5, axis_name: Any = None, axis_index_groups: Any = None,
                          mask: jax.Array | None = None, running_estimate: str = "covariance",
                          unbiased_running_cov: bool = False, dtype: Any = None,
-                         return_stats: bool = False, stats_route: str = "auto"
-                         ) -> _Returns | _ReturnsWithStats:
+                         return_stats: bool = False, stats_route: str = "auto",
+                         custom_vjp: bool = True) -> _Returns | _ReturnsWithStats:
   r"""Whitening batch normalization (group-wise ZCA, PCA, Cholesky or IterNorm) as a pure function.
 
   .. math::
@@ -454,8 +465,8 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
   computed by ``method`` (see `bnjax.whitening`) and the running mean, covariance and whitening
   matrix move toward the batch's: ``new = momentum * old + (1 - momentum) * batch``. In
   evaluation, ``W`` comes from the running estimate named by ``running_estimate`` and ``state`` is
-  returned as is. Gradients are JAX's autodiff through exact statistics, with a stable derivative
-  for the eigendecomposition of ZCA.
+  returned as is. Training uses a closed-form backward pass (``custom_vjp=True``), with the exact
+  derivative of ``Σ^(-1/2)`` for ZCA, finite where eigenvalues repeat.
 
   Warning:
     The covariance of d channels needs well over d valid rows per group: with ``m <= d`` it is
@@ -489,8 +500,14 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
       covariance (the unbiased population estimate, PyTorch's convention for variances).
     dtype: the output dtype; defaults to ``x.dtype``.
     return_stats: also return the step's `WhiteningStats` (training only).
-    stats_route: how per-device statistics are merged across devices: ``"auto"``,
-      ``"adaptive"`` or ``"one_pass"`` (see `bnjax.distributed.combine_covariances`).
+    stats_route: ``"adaptive"`` (one pass over the rows shifted by a data pivot, a second over
+      the centred rows where the first lost precision, chosen by `lax.cond`, and the same for
+      the cross-device merge), ``"one_pass"`` (never the second pass: no data-dependent control
+      flow) or ``"auto"``: adaptive on CPU, one-pass on GPU and TPU (see
+      `bnjax.stats.local_covariance`).
+    custom_vjp: differentiate training mode with bnjax's closed-form backward pass (three
+      batched products over the rows and one all-reduce of ``G d (d + 1)`` values); False uses
+      JAX's autodiff, which also supports forward mode (``jax.jvp``, ``jax.hessian``).
 
   Returns:
     ``(y, new_state)``, or ``(y, new_state, stats)`` with ``return_stats=True``.
@@ -551,18 +568,15 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
-  x_MxGxD = _to_groups(x_last.reshape(rows, layout.channels).astype(stats_dtype), layout)
+  x_MxGxD = _to_groups(x_last.reshape(rows, layout.channels), layout)
   eps = jnp.asarray(epsilon, stats_dtype)
   running_mean = _to_groups(jnp.asarray(state.mean).astype(stats_dtype), layout)
+  scale, bias = (None if v is None else _to_groups(jnp.asarray(v).astype(stats_dtype), layout)
+                 for v in (params.scale, params.bias))
 
-  def finish(x_hat_MxGxD):
-    y = _from_groups(x_hat_MxGxD, layout)
-    if params.scale is not None:
-      y = y * jnp.asarray(params.scale).astype(stats_dtype)[None]
-    if params.bias is not None:
-      y = y + jnp.asarray(params.bias).astype(stats_dtype)[None]
-    return jnp.moveaxis(y.reshape(row_shape + (layout.channels,)), -1,
-                        feature_axis).astype(out_dtype)
+  def finish(y_MxGxD):
+    y = _from_groups(y_MxGxD, layout).reshape(row_shape + (layout.channels,))
+    return jnp.moveaxis(y, -1, feature_axis).astype(out_dtype)
 
   if not train:
     if running_estimate == "covariance":
@@ -570,9 +584,13 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
                   layout.valid())
     else:
       w = jnp.asarray(state.whitening).astype(stats_dtype)
-    centred = stats.centre_rows(x_MxGxD, mask, running_mean, jnp.zeros_like(running_mean),
-                                zero_invalid=False)
-    return finish(_apply(w, centred)), state
+    xs = x_MxGxD.astype(stats_dtype)
+    centred = xs - running_mean[None]
+    if mask is not None:  # a non-finite value in an invalid row is centred to 0.
+      keep = mask[:, None, None] | jnp.isfinite(xs)
+      centred = jnp.where(keep, centred, jnp.zeros((), stats_dtype))
+    rows_T = jnp.transpose(centred, (1, 0, 2))
+    return finish(_output(w, rows_T, jnp.zeros_like(running_mean), scale, bias)), state
 
   devices = 1
   if axis_name is not None:
@@ -583,32 +601,182 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
     devices = distributed.smallest_group(axis_index_groups, size)
   _checks.check_values_per_channel(rows, devices, _WHERE)
 
-  local, local_centred = stats.local_covariance(x_MxGxD, mask)
-  pivot_shared = (axis_name is not None
-                  and distributed.typed_invariant(running_mean, axis_name, x_MxGxD))
-  moments = distributed.combine_covariances(
-      local, axis_name, axis_index_groups,
-      shared_pivot=running_mean if pivot_shared else None,
-      uniform_count=rows if mask is None else None, route=stats_route)
-  running_cov = lax.stop_gradient(jnp.asarray(state.covariance).astype(stats_dtype))
-  if mask is None and axis_name is None:  # rows > 1 valid rows: the batch's own statistics.
-    has_data = None
-    covariance, centred = moments.covariance, local_centred
-  else:
-    has_data = moments.count > 0
-    fallback_mean = lax.stop_gradient(running_mean)
-    centre = jnp.where(has_data[:, None], moments.pivot, fallback_mean)
-    delta = jnp.where(has_data[:, None], moments.delta, jnp.zeros((), stats_dtype))
-    covariance = jnp.where(has_data[:, None, None], moments.covariance, running_cov)
-    centred = stats.centre_rows(x_MxGxD, mask, centre, delta, zero_invalid=False)
-  w = _matrix(covariance, method, iterations, eps, layout.valid())
-  y = finish(_apply(w, centred))
+  def sum_axes(value):
+    # Mesh axes over which `x` varies but `value` does not (under `shard_map`): its cotangent
+    # is summed over them, as autodiff's transpose would.
+    if value is None:
+      return ()
+    return tuple(sorted(distributed.varying_axes(x_MxGxD) - distributed.varying_axes(value),
+                        key=str))
 
-  new_state, batch = _update_running(state, moments, w, has_data, layout, momentum,
-                                     unbiased_running_cov)
+  config = _TrainConfig(
+      layout=layout, method=method, iterations=iterations, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, route=stats_route,
+      uniform_count=rows if mask is None else None,
+      pivot_shared=(axis_name is not None
+                    and distributed.typed_invariant(running_mean, axis_name, x_MxGxD)),
+      scale_sum_axes=sum_axes(scale), bias_sum_axes=sum_axes(bias), in_dtype=x.dtype,
+      stats_dtype=stats_dtype, out_dtype=out_dtype, has_bias=bias is not None)
+  running_cov = jnp.asarray(state.covariance).astype(stats_dtype)
+  train_fn = _train_custom_vjp if custom_vjp else _train
+  y, moments, w = train_fn(config, x_MxGxD, mask, scale, bias, lax.stop_gradient(running_mean),
+                           lax.stop_gradient(running_cov), eps)
+  new_state, batch = _update_running(state, moments, w, None if config.all_valid else
+                                     moments.count > 0, layout, momentum, unbiased_running_cov)
   if return_stats:
-    return y, new_state, batch
-  return y, new_state
+    return finish(y), new_state, batch
+  return finish(y), new_state
+
+
+class _TrainConfig(NamedTuple):
+  """The static part of a training call (hashable: a `nondiff_argnums` argument)."""
+
+  layout: GroupLayout
+  method: str
+  iterations: int
+  axis_name: Any
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+  route: str
+  uniform_count: int | None  # rows per device without a mask; None: counts travel.
+  pivot_shared: bool  # the running mean is provably equal on every device: a shared pivot.
+  scale_sum_axes: tuple[Any, ...]
+  bias_sum_axes: tuple[Any, ...]
+  in_dtype: Any
+  stats_dtype: Any
+  out_dtype: Any
+  has_bias: bool
+
+  @property
+  def all_valid(self) -> bool:
+    """Every row of every device is valid (no mask, no named axis): there is always data."""
+    return self.uniform_count is not None and self.axis_name is None
+
+
+def _train_forward(config: _TrainConfig, x, mask, scale, bias, running_mean, running_cov,
+                   epsilon, *, keep_vjp: bool):
+  """Training-mode whitening: ``(y, moments, w)`` and what the closed-form backward needs.
+
+  The rows shifted by the local data pivot, ``rows = x - pivot`` (transposed to [G, m, d]), are
+  written once; with the global mean ``mu``, ``x - mu = rows - shift`` for the per-group
+  ``shift = mu - pivot``, so the output ``W (x - mu) = W rows - W shift`` needs no centring pass
+  of its own (it loses ``log2(1 + k)`` bits for a pivot ``k`` standard deviations from the mean;
+  the data pivot is typically within one). Groups without any valid row use the running mean and
+  covariance.
+  """
+  xs = x.astype(config.stats_dtype)
+  local, rows_T = stats.local_covariance(xs, mask, config.route)
+  moments = distributed.combine_covariances(
+      local, config.axis_name, config.axis_index_groups,
+      shared_pivot=running_mean if config.pivot_shared else None,
+      uniform_count=config.uniform_count, route=config.route)
+  shift = (moments.pivot - local.pivot) + moments.delta
+  covariance = moments.covariance
+  has_data = None
+  if not config.all_valid:
+    has_data = moments.count > 0
+    shift = jnp.where(has_data[:, None], shift, running_mean - local.pivot)
+    covariance = jnp.where(has_data[:, None, None], covariance, running_cov)
+
+  def matrix(covariance):
+    return _matrix(covariance, config.method, config.iterations, epsilon, config.layout.valid())
+
+  if keep_vjp:
+    w, matrix_vjp = jax.vjp(matrix, covariance)
+  else:
+    w, matrix_vjp = matrix(covariance), None
+  keep = None
+  out_rows_T = rows_T
+  if mask is not None:  # every row is output; a non-finite value in an invalid row gives 0.
+    keep = mask[:, None, None] | jnp.isfinite(xs)
+    out_rows_T = jnp.transpose(
+        jnp.where(keep, xs - local.pivot[None], shift[None]), (1, 0, 2))
+  y = _output(w, out_rows_T, shift, scale, bias).astype(config.out_dtype)
+  group = (None if config.axis_name is None
+           else distributed.group_index(config.axis_name, config.axis_index_groups))
+  residuals = (rows_T, out_rows_T if mask is not None else None, keep, mask, shift, w,
+               matrix_vjp, has_data, moments.count, scale, group)
+  outputs = (y, jax.tree.map(lax.stop_gradient, moments), lax.stop_gradient(w))
+  return outputs, residuals
+
+
+def _train(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+  """Training-mode whitening differentiated by JAX's autodiff (forward mode too)."""
+  return _train_forward(config, x, mask, scale, bias, running_mean, running_cov, epsilon,
+                        keep_vjp=False)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train_custom_vjp(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+  """`_train` with the closed-form backward pass (`_train_bwd`)."""
+  return _train(config, x, mask, scale, bias, running_mean, running_cov, epsilon)
+
+
+def _train_fwd(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+  outputs, residuals = _train_forward(config, x, mask, scale, bias, running_mean, running_cov,
+                                      epsilon, keep_vjp=True)
+  return outputs, residuals
+
+
+def _train_bwd(config, residuals, cotangents):
+  r"""The closed-form backward pass, per group (the sums run over every device's rows).
+
+  With ``g = scale * dy`` (the cotangent of ``x_hat = W (x - mu)``), ``n`` valid rows, and
+  ``c = x - mu`` at valid rows:
+
+  * ``dW = sum(g (x - mu)^T)`` (one all-reduce, with ``B = sum(g)``), ``dΣ`` from ``dW`` by the
+    derivative of the matrix function (`jax.vjp` of the d x d computation), ``P = (dΣ + dΣ^T) / n``;
+  * ``dx = W^T g + [valid] (P c - W^T B / n)``: the output's own path, the covariance's, and the
+    mean's (the covariance's path through the mean vanishes, as ``sum(c) = 0``).
+
+  Three batched products over the rows (``sum(dy (x - mu)^T)``, ``W^T g``, ``P c``), and
+  ``d scale = sum(dy * x_hat)`` from the first: ``sum_j W_ij sum(dy_i (x - mu)_j)``.
+  """
+  (rows_T, out_rows_T, keep, mask, shift, w, matrix_vjp, has_data, count, scale,
+   group) = residuals
+  dtype = config.stats_dtype
+  dy = cotangents[0].astype(dtype)
+  dy_T = jnp.transpose(dy, (1, 0, 2))
+  sum_dy = jnp.sum(dy, axis=0)
+  out_T = rows_T if out_rows_T is None else out_rows_T
+  # sum over rows of dy (x - mu)^T, with x - mu = out_rows - shift (0 where not kept).
+  cross = stats.group_gram(dy_T, out_T) - sum_dy[:, :, None] * shift[:, None, :]
+  d_scale = None if scale is None else jnp.sum(w * cross, axis=2)
+  kept_dy = sum_dy if keep is None else jnp.sum(jnp.where(keep, dy, jnp.zeros((), dtype)), axis=0)
+  local_w_bar = cross if scale is None else scale[:, :, None] * cross
+  local_b = kept_dy if scale is None else scale * kept_dy
+  groups, d = shift.shape
+  packed = jnp.concatenate([local_w_bar.reshape(-1), local_b.reshape(-1)])
+  packed = distributed.sum_over_devices(packed, config.axis_name, config.axis_index_groups, group)
+  w_bar = packed[:groups * d * d].reshape(groups, d, d)
+  total_g = packed[groups * d * d:].reshape(groups, d)
+  (cov_bar,) = matrix_vjp(w_bar)
+  n = jnp.maximum(count, 1).astype(dtype)[:, None, None]
+  if has_data is not None:
+    cov_bar = jnp.where(has_data[:, None, None], cov_bar, jnp.zeros((), dtype))
+  p = (cov_bar + _t(cov_bar)) / n
+  w_scaled = w if scale is None else w * scale[:, :, None]
+  through_output = jnp.einsum("gij,gmi->gmj", w_scaled, dy_T, precision=_HIGHEST)
+  through_covariance = jnp.einsum("gij,gmj->gmi", p, rows_T, precision=_HIGHEST)
+  correction = (jnp.einsum("gij,gj->gi", p, shift, precision=_HIGHEST)
+                + jnp.einsum("gij,gi->gj", w, total_g, precision=_HIGHEST) / n[:, :, 0])
+  if mask is None:
+    dx_T = through_output + through_covariance - correction[:, None, :]
+  else:
+    zero = jnp.zeros((), dtype)
+    keep_T = jnp.transpose(keep, (1, 0, 2))
+    valid = mask[None, :, None]
+    dx_T = (jnp.where(keep_T, through_output, zero)
+            + jnp.where(valid, through_covariance - correction[:, None, :], zero))
+  dx = jnp.transpose(dx_T, (1, 0, 2)).astype(config.in_dtype)
+  if d_scale is not None:
+    d_scale = distributed.sum_over_axes(d_scale, config.scale_sum_axes)
+  d_bias = None
+  if config.has_bias:
+    d_bias = distributed.sum_over_axes(sum_dy, config.bias_sum_axes)
+  return dx, None, d_scale, d_bias, None, None, None
+
+
+_train_custom_vjp.defvjp(_train_fwd, _train_bwd)
 
 
 def _update_running(state: WhiteningState, moments: stats.CovarianceMoments, w: jax.Array,
