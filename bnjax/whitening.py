@@ -264,17 +264,54 @@ def _newton_schulz(s: jax.Array, iterations: int, valid: jax.Array) -> jax.Array
   return p * lax.rsqrt(trace)
 
 
-def _cholesky_inverse(s: jax.Array) -> jax.Array:
+def _lower_inverse(lower: jax.Array) -> jax.Array:
+  """The inverse of lower-triangular matrices [..., n, n] by recursive halving, matrix products
+  only: ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (the recursive variant of
+  LAPACK's ``trtri``; XLA:CPU's batched triangular solve is far slower for small matrices)."""
+  n = lower.shape[-1]
+  if n == 1:
+    return 1.0 / lower
+  h = n // 2
+  a_inv = _lower_inverse(lower[..., :h, :h])
+  b_inv = _lower_inverse(lower[..., h:, h:])
+  c = -_mm(_mm(b_inv, lower[..., h:, :h]), a_inv)
+  top = jnp.concatenate([a_inv, jnp.zeros(a_inv.shape[:-1] + (n - h,), lower.dtype)], axis=-1)
+  return jnp.concatenate([top, jnp.concatenate([c, b_inv], axis=-1)], axis=-2)
+
+
+def _cholesky_factor_inverse(s: jax.Array) -> jax.Array:
   """``L^(-1)`` with ``S = L Lᵀ``; where the factorisation of ``S`` breaks down in floating point
   (a singular covariance that roundoff made indefinite), of ``S + d · eps · tr(S) · I``."""
   d = s.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(d, dtype=s.dtype), s.shape)
-  probe = jnp.linalg.cholesky(lax.stop_gradient(s))
+  probe = jnp.linalg.cholesky(s)
   factorised = jnp.all(jnp.isfinite(probe), axis=(-2, -1))[..., None, None]
-  trace = jnp.trace(lax.stop_gradient(s), axis1=-2, axis2=-1)[..., None, None]
-  jitter = jnp.where(factorised, jnp.zeros((), s.dtype), d * jnp.finfo(s.dtype).eps * trace)
-  lower = jnp.linalg.cholesky(s + jitter * eye)
-  return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+  trace = jnp.trace(s, axis1=-2, axis2=-1)[..., None, None]
+  jitter = d * jnp.finfo(s.dtype).eps * trace
+  lower = jnp.where(factorised, probe, jnp.linalg.cholesky(s + jitter * eye))
+  return _lower_inverse(lower)
+
+
+@jax.custom_jvp
+def _cholesky_inverse(s: jax.Array) -> jax.Array:
+  """``W = L^(-1)`` with ``S = L Lᵀ`` (symmetric ``S`` [..., d, d])."""
+  return _cholesky_factor_inverse(_sym(s))
+
+
+@_cholesky_inverse.defjvp
+def _cholesky_inverse_jvp(primals, tangents):
+  """``dW = -Φ(W dS Wᵀ) W``, Φ the lower triangle with half the diagonal.
+
+  From ``dS = dL Lᵀ + L dLᵀ``: ``L⁻¹ dS L⁻ᵀ = X + Xᵀ`` with ``X = L⁻¹ dL`` lower triangular, so
+  ``X = Φ(W dS Wᵀ)`` and ``dW = -W dL W = -X W``. Matrix products only (JAX's own Cholesky
+  derivative uses triangular solves).
+  """
+  (s,), (ds,) = primals, tangents
+  w = _cholesky_inverse(s)
+  inner = _mm(_mm(w, _sym(ds)), _t(w))
+  d = s.shape[-1]
+  half = jnp.tril(jnp.ones((d, d), s.dtype)) - 0.5 * jnp.eye(d, dtype=s.dtype)
+  return w, -_mm(inner * jnp.broadcast_to(half, inner.shape), w)
 
 
 def _matrix(covariance: jax.Array, method: str, iterations: int, epsilon: jax.Array,
