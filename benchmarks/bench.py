@@ -258,7 +258,7 @@ def run_all(args, plan: cases.Plan, argv: list[str]) -> int:
   if not runs:
     log("no run succeeded")
     return 1
-  scaling_records = _scaling(plan, notes)
+  scaling_records = _scaling(plan, notes) if args.comparison is None else []
   meta = {"notes": notes, "revision": machine.git_revision(),
           "seconds": time.perf_counter() - started,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -186,85 +186,92 @@ def stack_memory(shape, layers: int, only: tuple[str, ...] | None,
 # ============================================================================ whitening stages
 
 
-def _whitening_stage_programs(shape, group):
-  """{stage: (forward program, its arguments, output cotangents)} for one case.
+def _whitening_stage_programs(shape, group, mode):
+  """{stage: (program, arguments)} for one case and mode: the layer's work, stage by stage.
 
-  Each stage of the whitening layer on its own, as the layer computes it: the covariance (rows
-  shifted by the data pivot, transposed with the group axis first, their sums and cross
-  products), the matrix function on the [G, d, d] covariances, and the batched product
-  ``W·rows`` with the transposition back to rows and the affine part.
+  * covariance: the rows shifted by the data pivot, transposed with the group axis first, their
+    sums and cross products (the same work in both modes: its backward is part of the products);
+  * matrix function: ``W`` from the [G, d, d] covariances, and in forward+backward the `jax.vjp`
+    the closed-form backward applies to it;
+  * product: ``y = scale · W rows + bias`` back in row order, and in forward+backward the
+    backward's work over the rows: ``dy`` transposed, ``sum(dy rows^T)``, ``W^T (scale dy)``,
+    ``P rows`` and their sum transposed back;
+  * the whole layer (IterNorm), for scale.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bnjax import stats, whitening  # pylint: disable=import-outside-toplevel
+  highest = jax.lax.Precision.HIGHEST
   channels = shape[-1]
   layout = whitening.group_layout(channels, group)
   rows = int(np.prod(shape[:-1]))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((rows, layout.groups, layout.size), np.float32))
+  dy = jnp.asarray(rng.standard_normal((rows, layout.groups, layout.size), np.float32))
   rows_T = jnp.transpose(x, (1, 0, 2))
   a = rng.standard_normal((layout.groups, layout.size, layout.size)).astype(np.float32)
   covariance = jnp.asarray(np.eye(layout.size) + np.einsum("gij,gkj->gik", a, a) / layout.size,
                            jnp.float32)
   w = jnp.asarray(np.linalg.inv(np.linalg.cholesky(np.asarray(covariance))), jnp.float32)
   scale = jnp.ones((layout.groups, layout.size))
+  backward = mode == names.FORWARD_BACKWARD
 
   def covariance_stage(x):
     moments, shifted = stats.local_covariance(x, None)
     return moments.cross, shifted
 
   def matrix_stage(method):
-    return lambda c: whitening.whitening_matrix(c, method=method, epsilon=names.EPSILON)
+    def matrix(c, w_bar):
+      fn = lambda c: whitening.whitening_matrix(c, method=method, epsilon=names.EPSILON)
+      if not backward:
+        return fn(c)
+      out, vjp = jax.vjp(fn, c)
+      return out, vjp(w_bar)
+    return matrix
 
-  def product_stage(w, rows_T, scale):
-    y = jnp.transpose(jnp.einsum("gij,gmj->gmi", w, rows_T,
-                                 precision=jax.lax.Precision.HIGHEST), (1, 0, 2))
-    return y * scale[None] + scale[None]
+  def product_stage(w, rows_T, scale, dy):
+    z = jnp.einsum("gij,gmj->gmi", w, rows_T, precision=highest)
+    y = jnp.transpose(z, (1, 0, 2)) * scale[None] + scale[None]
+    if not backward:
+      return y
+    dy_T = jnp.transpose(dy, (1, 0, 2))
+    cross = jnp.einsum("gmi,gmj->gij", dy_T, rows_T, precision=highest)
+    through_output = jnp.einsum("gij,gmi->gmj", w, dy_T, precision=highest)
+    through_covariance = jnp.einsum("gij,gmj->gmi", w, rows_T, precision=highest)
+    dx = jnp.transpose(through_output + through_covariance, (1, 0, 2))
+    return y, cross, jnp.sum(dy, axis=0), dx
 
   params, state = whitening.init_whitening(channels, group_size=group)
 
-  def layer(x, params):
-    return whitening.whitening_batch_norm(params, state, x.reshape(rows, channels), True,
-                                          group_size=group, method="iterative")[0]
+  def layer(x, params, dy):
+    fn = lambda x, params: whitening.whitening_batch_norm(
+        params, state, x.reshape(rows, channels), True, group_size=group, method="iterative")[0]
+    if not backward:
+      return fn(x, params)
+    y, vjp = jax.vjp(fn, x, params)
+    return y, vjp(dy.reshape(rows, channels))
 
-  def like(tree):
-    return jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), tree)
-
-  stages = {
+  return {
       "covariance": (covariance_stage, (x,)),
-      "matrix function (iterative)": (matrix_stage("iterative"), (covariance,)),
-      "matrix function (zca)": (matrix_stage("zca"), (covariance,)),
-      "product": (product_stage, (w, rows_T, scale)),
-      "whole layer (iterative)": (layer, (x, params)),
+      "matrix function (iterative)": (matrix_stage("iterative"), (covariance, w)),
+      "matrix function (zca)": (matrix_stage("zca"), (covariance, w)),
+      "product": (product_stage, (w, rows_T, scale, dy)),
+      "whole layer (iterative)": (layer, (x, params, dy)),
   }
-  out = {}
-  for name, (fn, args) in stages.items():
-    cotangent = like(jax.eval_shape(fn, *args))
-    out[name] = (fn, args, cotangent)
-  return out
 
 
 def whitening_stages(plan: Plan, log) -> list[dict]:
   """Where the whitening layer's time goes: each stage compiled and timed on its own.
 
-  Forward and forward+backward (JAX's `vjp` of each stage; the layer's own backward is a closed
-  form, so the stages' backward times are indicative), interleaved in rounds with the whole
-  layer, for every shape of the whitening comparison and every group size.
+  Forward and forward+backward, interleaved in rounds with the whole layer, for every shape of
+  the whitening comparison and every group size (see `_whitening_stage_programs`).
   """
   results = []
-  shapes = peers.WHITENING.shapes_for(plan)
-  for shape in shapes:
+  for shape in peers.WHITENING.shapes_for(plan):
     for group in names.WHITENING_GROUPS:
-      programs = _whitening_stage_programs(shape, group)
       for mode in names.MODES:
         runs = {}
-        for name, (fn, args, cotangent) in programs.items():
-          if mode == names.FORWARD:
-            program = fn
-          else:
-            def program(*args, fn=fn, cotangent=cotangent):
-              out, vjp = jax.vjp(fn, *args)
-              return out, vjp(cotangent)
-          compiled = compile_program(jax.jit(program), args, fast=plan.fast_compile)
+        for name, (fn, args) in _whitening_stage_programs(shape, group, mode).items():
+          compiled = compile_program(jax.jit(fn), args, fast=plan.fast_compile)
           runs[name] = functools.partial(call, compiled, args)
         rounds = plan.rounds_for(shape)
         summary = timing.summarise(timing.round_robin(runs, rounds), {})

@@ -165,11 +165,12 @@ def _whitening_stages_table(run, lines):
           f"{e['stages'][stage]['median_ms']:.2f}" if stage in e["stages"] else "—"
           for e in cases) + " |")
     lines += ["", "Each stage compiled and timed on its own, interleaved with the whole layer: the "
-              "covariance (rows shifted by the data pivot and transposed, their sums and cross "
-              "products), the matrix function on the [G, d, d] covariances, and the product "
-              "W·rows with the transposition back and the affine part. Forward+backward of a "
-              "stage is JAX's `vjp` of it; the layer's own backward is a closed form (three "
-              "products over the rows), so the stages' sum is indicative.", ""]
+              "covariance (rows shifted by the data pivot and transposed with the group axis "
+              "first, their sums and cross products; the same in both modes), the matrix "
+              "function on the [G, d, d] covariances (and its `vjp`), and the products over the "
+              "rows (forward: W·rows back in row order with the affine part; forward+backward "
+              "adds the closed-form backward's work: dy transposed, Σ dy·rowsᵀ, Wᵀ(scale·dy), "
+              "P·rows and their sum transposed back).", ""]
 
 
 def _allocator_table(runs, lines):

@@ -250,7 +250,7 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
 
 
 
-# ============================================================================ covariance (whitening)
+# =========================================================================== covariance (whitening)
 #
 # Whitening combines per-group covariance moments the way `combine_moments` combines variances:
 # every device measures its mean from a pivot that all devices share, and one all-reduce sums
@@ -265,8 +265,10 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
 
 
 def _symmetric_pack(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Row and column indices of the upper triangle of a d x d matrix, and for every (i, j) the
-  position of (min(i, j), max(i, j)) among them."""
+  """Row and column indices of the upper triangle of a d x d matrix, and where each entry is.
+
+  The third array gives, for every (i, j), the position of (min(i, j), max(i, j)) among them.
+  """
   rows, cols = np.triu_indices(d)
   position = np.zeros((d, d), np.int32)
   position[rows, cols] = np.arange(rows.size)
@@ -290,7 +292,8 @@ def _covariance_round(moments: stats.CovarianceMoments, pivot: jax.Array, axis_n
   table = _sum_table(jnp.concatenate([p.reshape(-1) for p in parts]), axis_name, groups, index)
   lead = table.shape[:-1]  # (groups,) or ().
   parts = [p.reshape(lead + s)
-           for p, s in zip(jnp.split(table, np.cumsum(sizes)[:-1], axis=-1), shapes)]
+           for p, s in zip(jnp.split(table, np.cumsum(sizes)[:-1], axis=-1), shapes,
+                           strict=True)]
   total_shape = lead + moments.count.shape
   if static_total is None:
     total = _join_count(parts[2], parts[3])
@@ -349,15 +352,15 @@ def combine_covariances(moments: stats.CovarianceMoments, axis_name: Any,
                                                stats.count_dtype()).reshape(-1, 1)
   index = group_index(axis_name, axis_index_groups)
 
-  def run(pivot):
+  def run(pivot: jax.Array) -> tuple[stats.CovarianceMoments, jax.Array]:
     return _covariance_round(moments, pivot, axis_name, axis_index_groups, index, static_total)
 
-  def adaptive():
+  def adaptive() -> stats.CovarianceMoments:
     first, precise = run(pivot)
     return lax.cond(precise, lambda: first,
                     lambda: run(lax.stop_gradient(first.mean))[0])
 
-  def always_twice():
+  def always_twice() -> stats.CovarianceMoments:
     first, _ = run(pivot)
     return run(lax.stop_gradient(first.mean))[0]
 

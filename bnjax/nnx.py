@@ -9,6 +9,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax import _checks
 from bnjax import whitening
@@ -259,6 +260,8 @@ _WHITENING_STATIC = ("train", "group_size", "method", "iterations", "axis", "mom
                      "axis_name", "axis_index_groups", "running_estimate",
                      "unbiased_running_cov", "dtype", "stats_route")
 _compiled_whitening = jax.jit(whitening.whitening_batch_norm, static_argnames=_WHITENING_STATIC)
+_ZEROS_INIT = nnx.initializers.zeros_init()
+_ONES_INIT = nnx.initializers.ones_init()
 
 
 class WhiteningBatchNorm(nnx.Module):
@@ -311,10 +314,11 @@ class WhiteningBatchNorm(nnx.Module):
                axis: int = -1, momentum: float = 0.99, epsilon: float = 1e-5,
                dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
                use_scale: bool = True,
-               bias_init: Callable[..., Any] = nnx.initializers.zeros_init(),
-               scale_init: Callable[..., Any] = nnx.initializers.ones_init(),
+               bias_init: Callable[..., Any] = _ZEROS_INIT,
+               scale_init: Callable[..., Any] = _ONES_INIT,
                axis_name: Any = None, axis_index_groups: Any = None,
-               stats_route: str = "auto", rngs: nnx.Rngs):
+               stats_route: str = "auto", rngs: nnx.Rngs) -> None:
+    """Creates the parameters and running statistics (see the class docstring)."""
     where = "bnjax.nnx.WhiteningBatchNorm"
     if method not in whitening.METHODS:
       _checks.fail(where, f"`method` must be one of {whitening.METHODS}; got {method!r}.")
@@ -366,9 +370,10 @@ class WhiteningBatchNorm(nnx.Module):
     if use_running_average is None:
       _checks.fail(where, "`use_running_average` is None in both the constructor and the call; "
                    "set it in one of them, or call `model.train()` / `model.eval()`.")
-    if isinstance(use_running_average, jax.core.Tracer):
-      _checks.fail(where, "`use_running_average` must be a Python bool, not a traced value; "
-                   "set it with `model.eval()` or pass it as a static argument.", TypeError)
+    if not isinstance(use_running_average, (bool, np.bool_)):
+      _checks.fail(where, "`use_running_average` must be a Python bool (it selects a different "
+                   f"computation); got {type(use_running_average).__name__}. Set it with "
+                   "`model.eval()` / `model.train()` or pass it as a static argument.", TypeError)
     scale = None if self.scale is None else self.scale[...]
     bias = None if self.bias is None else self.bias[...]
     x = jnp.asarray(x)
@@ -378,24 +383,25 @@ class WhiteningBatchNorm(nnx.Module):
       dtype = nnx_dtypes.canonicalize_dtype(
           x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
     state = whitening.WhiteningState(self.mean[...], self.covariance[...], self.whitening[...])
-    static = dict(train=not use_running_average, group_size=self.group_size, method=self.method,
-                  iterations=self.iterations, axis=self.axis, momentum=self.momentum,
-                  epsilon=self.epsilon, axis_name=self.axis_name,
-                  axis_index_groups=self.axis_index_groups,
-                  running_estimate=self.running_estimate,
-                  unbiased_running_cov=self.unbiased_running_cov, dtype=dtype,
-                  stats_route=self.stats_route)
-    call = (_compiled_whitening if _hashable(static.values())
-            else whitening.whitening_batch_norm)
-    train = static.pop("train")
-    y, new_state = call(BatchNormParams(scale, bias), state, x, train, mask=mask, **static)
+    train = not use_running_average
+    settings = (self.group_size, self.method, self.iterations, self.axis, self.momentum,
+                self.epsilon, self.axis_name, self.axis_index_groups, self.running_estimate,
+                self.unbiased_running_cov, dtype, self.stats_route)
+    # Unhashable settings go to the function itself, which rejects them with its message.
+    call = _compiled_whitening if _hashable(settings) else whitening.whitening_batch_norm
+    y, new_state = call(
+        BatchNormParams(scale, bias), state, x, train, group_size=self.group_size,
+        method=self.method, iterations=self.iterations, axis=self.axis, momentum=self.momentum,
+        epsilon=self.epsilon, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+        mask=mask, running_estimate=self.running_estimate,
+        unbiased_running_cov=self.unbiased_running_cov, dtype=dtype, stats_route=self.stats_route)
     if train:
       self.mean[...] = new_state.mean
       self.covariance[...] = new_state.covariance
       self.whitening[...] = new_state.whitening
     return y
 
-  def set_view(self, use_running_average: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None) -> None:
     """Used by ``nnx.view``.
 
     Args:

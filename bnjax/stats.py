@@ -470,6 +470,7 @@ class CovarianceMoments(NamedTuple):
 
   @property
   def mean(self) -> jax.Array:
+    """``pivot + delta``, shape [G, d]."""
     return self.pivot + self.delta
 
   @property
@@ -538,7 +539,7 @@ def local_covariance(x_MxGxD: jax.Array, mask_M: jax.Array | None, route: str = 
   cross = products - _outer(delta, delta) * count.astype(dtype)[:, None, None]
   cross = cross - _diag_embed(jnp.minimum(jnp.diagonal(cross, axis1=-2, axis2=-1), 0.0))
 
-  def adaptive():
+  def adaptive() -> jax.Array:
     precise = is_precise(jnp.diagonal(products, axis1=-2, axis2=-1),
                          jnp.diagonal(cross, axis1=-2, axis2=-1))
     return lax.cond(precise, lambda: cross,

@@ -61,10 +61,11 @@ variance are then multiplied by up to ``ε^(-1/2)`` (≈ 316 for ε = 1e-5) but 
 signal; a constant channel outputs exactly ``bias``.
 """
 
+from collections.abc import Callable
 import functools
 import math
 import numbers
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, cast, overload
 
 import jax
 from jax import lax
@@ -98,6 +99,7 @@ class GroupLayout(NamedTuple):
 
   @property
   def padded(self) -> int:
+    """The channels with padding, ``groups * size``."""
     return self.groups * self.size
 
   def valid(self) -> np.ndarray:
@@ -199,7 +201,9 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _inverse_sqrt_parts(s: jax.Array, floor: jax.Array):
+def _inverse_sqrt_parts(s: jax.Array, floor: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(S^(-1/2), U, sqrt(λ))`` from ``S = U diag(λ) Uᵀ``, ``λ`` clamped at `floor`."""
   eigenvalues, vectors = jnp.linalg.eigh(_sym(s), symmetrize_input=False)
   root = jnp.sqrt(jnp.maximum(eigenvalues, floor))
   return _mm(vectors / root[..., None, :], _t(vectors)), vectors, root
@@ -207,12 +211,13 @@ def _inverse_sqrt_parts(s: jax.Array, floor: jax.Array):
 
 @jax.custom_jvp
 def _inverse_sqrt(s: jax.Array, floor: jax.Array) -> jax.Array:
-  """``S^(-1/2)`` of symmetric positive definite ``S`` [..., d, d], eigenvalues clamped at `floor`."""
+  """``S^(-1/2)`` of symmetric positive definite ``S`` [..., d, d], eigenvalues at least `floor`."""
   return _inverse_sqrt_parts(s, floor)[0]
 
 
 @_inverse_sqrt.defjvp
-def _inverse_sqrt_jvp(primals, tangents):
+def _inverse_sqrt_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, Any]
+                      ) -> tuple[jax.Array, jax.Array]:
   """``dW = U (K ∘ (Uᵀ dS U)) Uᵀ`` with ``K_ij = -1 / (r_i r_j (r_i + r_j))``, ``r = sqrt(λ)``.
 
   ``K_ij`` is the divided difference ``(f(λ_i) - f(λ_j)) / (λ_i - λ_j)`` of ``f(λ) = λ^(-1/2)``,
@@ -236,11 +241,14 @@ def _eigh_descending(s: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @_eigh_descending.defjvp
-def _eigh_descending_jvp(primals, tangents):
-  """The eigenvector derivative ``dU = U (F ∘ (Uᵀ dS U))``, ``F_ij = 1 / (λ_j - λ_i)``, with the
-  terms of (numerically) equal eigenvalues dropped: there the eigenvectors are not unique and
-  have no derivative (PCA whitening's own defect; the published codes guard the same division
-  with tiny constants)."""
+def _eigh_descending_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
+                         ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The eigenvector derivative ``dU = U (F ∘ (Uᵀ dS U))``, ``F_ij = 1 / (λ_j - λ_i)``.
+
+  The terms of (numerically) equal eigenvalues are dropped: there the eigenvectors are not unique
+  and have no derivative (PCA whitening's own defect; the published codes guard the same division
+  with tiny constants).
+  """
   (s,), (ds,) = primals, tangents
   eigenvalues, vectors = _eigh_descending(s)
   inner = _mm(_mm(_t(vectors), _sym(ds)), vectors)
@@ -265,9 +273,12 @@ def _newton_schulz(s: jax.Array, iterations: int, valid: jax.Array) -> jax.Array
 
 
 def _lower_inverse(lower: jax.Array) -> jax.Array:
-  """The inverse of lower-triangular matrices [..., n, n] by recursive halving, matrix products
-  only: ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (the recursive variant of
-  LAPACK's ``trtri``; XLA:CPU's batched triangular solve is far slower for small matrices)."""
+  """The inverse of lower-triangular matrices [..., n, n] by recursive halving.
+
+  Matrix products only: ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (the
+  recursive variant of LAPACK's ``trtri``; XLA:CPU's batched triangular solve is far slower for
+  small matrices).
+  """
   n = lower.shape[-1]
   if n == 1:
     return 1.0 / lower
@@ -275,13 +286,16 @@ def _lower_inverse(lower: jax.Array) -> jax.Array:
   a_inv = _lower_inverse(lower[..., :h, :h])
   b_inv = _lower_inverse(lower[..., h:, h:])
   c = -_mm(_mm(b_inv, lower[..., h:, :h]), a_inv)
-  top = jnp.concatenate([a_inv, jnp.zeros(a_inv.shape[:-1] + (n - h,), lower.dtype)], axis=-1)
+  top = jnp.concatenate([a_inv, jnp.zeros((*a_inv.shape[:-1], n - h), lower.dtype)], axis=-1)
   return jnp.concatenate([top, jnp.concatenate([c, b_inv], axis=-1)], axis=-2)
 
 
 def _cholesky_factor_inverse(s: jax.Array) -> jax.Array:
-  """``L^(-1)`` with ``S = L Lᵀ``; where the factorisation of ``S`` breaks down in floating point
-  (a singular covariance that roundoff made indefinite), of ``S + d · eps · tr(S) · I``."""
+  """``L^(-1)`` with ``S = L Lᵀ``.
+
+  Where the factorisation of ``S`` breaks down in floating point (a singular covariance that
+  roundoff made indefinite), that of ``S + d · eps · tr(S) · I``.
+  """
   d = s.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(d, dtype=s.dtype), s.shape)
   probe = jnp.linalg.cholesky(s)
@@ -299,7 +313,8 @@ def _cholesky_inverse(s: jax.Array) -> jax.Array:
 
 
 @_cholesky_inverse.defjvp
-def _cholesky_inverse_jvp(primals, tangents):
+def _cholesky_inverse_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
+                          ) -> tuple[jax.Array, jax.Array]:
   """``dW = -Φ(W dS Wᵀ) W``, Φ the lower triangle with half the diagonal.
 
   From ``dS = dL Lᵀ + L dLᵀ``: ``L⁻¹ dS L⁻ᵀ = X + Xᵀ`` with ``X = L⁻¹ dL`` lower triangular, so
@@ -323,8 +338,8 @@ def _matrix(covariance: jax.Array, method: str, iterations: int, epsilon: jax.Ar
   last in PCA's order).
   """
   dtype = covariance.dtype
-  valid = jnp.asarray(valid)
-  pair = valid[..., :, None] & valid[..., None, :]
+  real = jnp.asarray(valid)
+  pair = real[..., :, None] & real[..., None, :]
   eye = jnp.broadcast_to(jnp.eye(covariance.shape[-1], dtype=dtype), covariance.shape)
   s = jnp.where(pair, covariance, jnp.zeros((), dtype)) + epsilon * eye
   if method == "zca":
@@ -335,7 +350,7 @@ def _matrix(covariance: jax.Array, method: str, iterations: int, epsilon: jax.Ar
     return _t(vectors) / root[..., :, None]
   if method == "cholesky":
     return _cholesky_inverse(s)
-  return _newton_schulz(s, iterations, valid.astype(dtype))
+  return _newton_schulz(s, iterations, real.astype(dtype))
 
 
 def whitening_matrix(covariance: jax.Array, *, method: str = "zca", iterations: int = 5,
@@ -424,12 +439,12 @@ def _to_groups(v: jax.Array, layout: GroupLayout) -> jax.Array:
   pad = layout.padded - layout.channels
   if pad:
     v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
-  return v.reshape(v.shape[:-1] + (layout.groups, layout.size))
+  return v.reshape((*v.shape[:-1], layout.groups, layout.size))
 
 
 def _from_groups(v: jax.Array, layout: GroupLayout) -> jax.Array:
   """[..., G, d] -> [..., C]."""
-  v = v.reshape(v.shape[:-2] + (layout.padded,))
+  v = v.reshape((*v.shape[:-2], layout.padded))
   return v if layout.padded == layout.channels else v[..., :layout.channels]
 
 
@@ -608,11 +623,13 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
   x_MxGxD = _to_groups(x_last.reshape(rows, layout.channels), layout)
   eps = jnp.asarray(epsilon, stats_dtype)
   running_mean = _to_groups(jnp.asarray(state.mean).astype(stats_dtype), layout)
-  scale, bias = (None if v is None else _to_groups(jnp.asarray(v).astype(stats_dtype), layout)
-                 for v in (params.scale, params.bias))
+  scale = (None if params.scale is None
+           else _to_groups(jnp.asarray(params.scale).astype(stats_dtype), layout))
+  bias = (None if params.bias is None
+          else _to_groups(jnp.asarray(params.bias).astype(stats_dtype), layout))
 
-  def finish(y_MxGxD):
-    y = _from_groups(y_MxGxD, layout).reshape(row_shape + (layout.channels,))
+  def finish(y_MxGxD: jax.Array) -> jax.Array:
+    y = _from_groups(y_MxGxD, layout).reshape((*row_shape, layout.channels))
     return jnp.moveaxis(y, -1, feature_axis).astype(out_dtype)
 
   if not train:
@@ -638,7 +655,7 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
     devices = distributed.smallest_group(axis_index_groups, size)
   _checks.check_values_per_channel(rows, devices, _WHERE)
 
-  def sum_axes(value):
+  def sum_axes(value: jax.Array | None) -> tuple[Any, ...]:
     # Mesh axes over which `x` varies but `value` does not (under `shard_map`): its cotangent
     # is summed over them, as autodiff's transpose would.
     if value is None:
@@ -655,7 +672,8 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
       scale_sum_axes=sum_axes(scale), bias_sum_axes=sum_axes(bias), in_dtype=x.dtype,
       stats_dtype=stats_dtype, out_dtype=out_dtype, has_bias=bias is not None)
   running_cov = jnp.asarray(state.covariance).astype(stats_dtype)
-  train_fn = _train_custom_vjp if custom_vjp else _train
+  train_fn = cast(Callable[..., tuple[jax.Array, stats.CovarianceMoments, jax.Array]],
+                  _train_custom_vjp if custom_vjp else _train)
   y, moments, w = train_fn(config, x_MxGxD, mask, scale, bias, lax.stop_gradient(running_mean),
                            lax.stop_gradient(running_cov), eps)
   new_state, batch = _update_running(state, moments, w, None if config.all_valid else
@@ -689,8 +707,10 @@ class _TrainConfig(NamedTuple):
     return self.uniform_count is not None and self.axis_name is None
 
 
-def _train_forward(config: _TrainConfig, x, mask, scale, bias, running_mean, running_cov,
-                   epsilon, *, keep_vjp: bool):
+def _train_forward(config: _TrainConfig, x: jax.Array, mask: jax.Array | None,
+                   scale: jax.Array | None, bias: jax.Array | None, running_mean: jax.Array,
+                   running_cov: jax.Array, epsilon: jax.Array, *, keep_vjp: bool
+                   ) -> tuple[tuple[jax.Array, stats.CovarianceMoments, jax.Array], tuple]:
   """Training-mode whitening: ``(y, moments, w)`` and what the closed-form backward needs.
 
   The rows shifted by the local data pivot, ``rows = x - pivot`` (transposed to [G, m, d]), are
@@ -714,7 +734,7 @@ def _train_forward(config: _TrainConfig, x, mask, scale, bias, running_mean, run
     shift = jnp.where(has_data[:, None], shift, running_mean - local.pivot)
     covariance = jnp.where(has_data[:, None, None], covariance, running_cov)
 
-  def matrix(covariance):
+  def matrix(covariance: jax.Array) -> jax.Array:
     return _matrix(covariance, config.method, config.iterations, epsilon, config.layout.valid())
 
   if keep_vjp:
@@ -736,25 +756,32 @@ def _train_forward(config: _TrainConfig, x, mask, scale, bias, running_mean, run
   return outputs, residuals
 
 
-def _train(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+def _train(config: _TrainConfig, x: jax.Array, mask: jax.Array | None, scale: jax.Array | None,
+           bias: jax.Array | None, running_mean: jax.Array, running_cov: jax.Array,
+           epsilon: jax.Array) -> tuple[jax.Array, stats.CovarianceMoments, jax.Array]:
   """Training-mode whitening differentiated by JAX's autodiff (forward mode too)."""
   return _train_forward(config, x, mask, scale, bias, running_mean, running_cov, epsilon,
                         keep_vjp=False)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_custom_vjp(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+def _train_custom_vjp(config: _TrainConfig, x: jax.Array, mask: jax.Array | None,
+                      scale: jax.Array | None, bias: jax.Array | None, running_mean: jax.Array,
+                      running_cov: jax.Array, epsilon: jax.Array
+                      ) -> tuple[jax.Array, stats.CovarianceMoments, jax.Array]:
   """`_train` with the closed-form backward pass (`_train_bwd`)."""
   return _train(config, x, mask, scale, bias, running_mean, running_cov, epsilon)
 
 
-def _train_fwd(config, x, mask, scale, bias, running_mean, running_cov, epsilon):
+def _train_fwd(config: _TrainConfig, x: jax.Array, mask: jax.Array | None,
+               scale: jax.Array | None, bias: jax.Array | None, running_mean: jax.Array,
+               running_cov: jax.Array, epsilon: jax.Array) -> tuple[Any, tuple]:
   outputs, residuals = _train_forward(config, x, mask, scale, bias, running_mean, running_cov,
                                       epsilon, keep_vjp=True)
   return outputs, residuals
 
 
-def _train_bwd(config, residuals, cotangents):
+def _train_bwd(config: _TrainConfig, residuals: tuple, cotangents: tuple) -> tuple:
   r"""The closed-form backward pass, per group (the sums run over every device's rows).
 
   With ``g = scale * dy`` (the cotangent of ``x_hat = W (x - mu)``), ``n`` valid rows, and
@@ -796,7 +823,7 @@ def _train_bwd(config, residuals, cotangents):
   through_covariance = jnp.einsum("gij,gmj->gmi", p, rows_T, precision=_HIGHEST)
   correction = (jnp.einsum("gij,gj->gi", p, shift, precision=_HIGHEST)
                 + jnp.einsum("gij,gi->gj", w, total_g, precision=_HIGHEST) / n[:, :, 0])
-  if mask is None:
+  if mask is None or keep is None:
     dx_T = through_output + through_covariance - correction[:, None, :]
   else:
     zero = jnp.zeros((), dtype)
@@ -842,7 +869,7 @@ def _update_running(state: WhiteningState, moments: stats.CovarianceMoments, w: 
     updated = updated & has_data
   momentum = jnp.asarray(momentum, dtype)
 
-  def move(old, new, keep_shape):
+  def move(old: jax.Array, new: jax.Array, keep_shape: tuple[int, ...]) -> jax.Array:
     old = jnp.asarray(old)
     blended = momentum * old.astype(dtype) + (1 - momentum) * new
     return jnp.where(updated.reshape(keep_shape), blended, old.astype(dtype)).astype(old.dtype)
@@ -859,6 +886,13 @@ def _update_running(state: WhiteningState, moments: stats.CovarianceMoments, w: 
 
 
 __all__ = [
-    "GroupLayout", "METHODS", "RUNNING_ESTIMATES", "WhiteningState", "WhiteningStats",
-    "group_layout", "init_whitening", "whitening_batch_norm", "whitening_matrix",
+    "METHODS",
+    "RUNNING_ESTIMATES",
+    "GroupLayout",
+    "WhiteningState",
+    "WhiteningStats",
+    "group_layout",
+    "init_whitening",
+    "whitening_batch_norm",
+    "whitening_matrix",
 ]

@@ -15,7 +15,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from examples import train
 
-CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10")
+CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10", "whitening")
 
 
 def load_config(name: str, arg: str | None = None):
