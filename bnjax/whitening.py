@@ -171,7 +171,7 @@ def init_whitening(num_features: int, *, group_size: int = 64, dtype: Any = jnp.
     ValueError: if `num_features` or `group_size` is not a positive int.
 
   Examples:
-    >>> params, state = bnjax.init_whitening(6, group_size=4)
+    >>> params, state = bnjax.whitening.init_whitening(6, group_size=4)
     >>> state.covariance.shape, params.scale.shape
     ((2, 4, 4), (6,))
   """
@@ -377,7 +377,7 @@ def whitening_matrix(covariance: jax.Array, *, method: str = "zca", iterations: 
 
   Examples:
     >>> sigma = jnp.array([[4.0, 0.0], [0.0, 1.0]])
-    >>> bnjax.whitening_matrix(sigma, epsilon=1e-12).round(3)
+    >>> bnjax.whitening.whitening_matrix(sigma, epsilon=1e-12).round(3)
     Array([[0.5, 0. ],
            [0. , 1. ]], dtype=float32)
   """
@@ -572,10 +572,10 @@ def whitening_batch_norm(params: BatchNormParams, state: WhiteningState, x: jax.
       varies along ``axis``, or one row in training.
 
   Examples:
-    >>> params, state = bnjax.init_whitening(3)
+    >>> params, state = bnjax.whitening.init_whitening(3)
     >>> mixing = jnp.array([[1.0, 0.0, 0.0], [0.9, 0.4, 0.0], [0.5, 0.5, 0.7]])
     >>> x = jax.random.normal(jax.random.key(0), (512, 3)) @ mixing.T + 3.0
-    >>> y, state = bnjax.whitening_batch_norm(params, state, x, train=True)
+    >>> y, state = bnjax.whitening.whitening_batch_norm(params, state, x, train=True)
     >>> jnp.cov(y.T, bias=True).round(3) + 0.0  # identity: the channels are decorrelated
     Array([[1., 0., 0.],
            [0., 1., 0.],
