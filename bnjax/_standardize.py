@@ -18,6 +18,7 @@ that differ across the named axis (`vmap` ensembles, per-device parameters) are 
 exactly as autodiff would.
 """
 
+from collections.abc import Callable
 import functools
 import math
 from typing import Any, NamedTuple
@@ -28,7 +29,8 @@ import jax.numpy as jnp
 
 from bnjax import distributed
 from bnjax import stats
-from bnjax.stats import Moments
+
+Array = jax.Array
 
 
 class TrainConfig(NamedTuple):
@@ -55,15 +57,16 @@ class TrainConfig(NamedTuple):
   ghost: bool = False
 
 
-def centre(x, mask, centre_, delta):
-  """``(x - centre) - delta``; a non-finite value at a masked position is replaced by the mean first."""
+def centre(x: Array, mask: Array | None, centre_: Array, delta: Array | None) -> Array:
+  """``(x - centre) - delta``; a non-finite masked value is replaced by the mean first."""
   if mask is not None:
     fill = centre_ if delta is None else centre_ + delta
     x = jnp.where(mask | jnp.isfinite(x), x, fill)
   return x - centre_ if delta is None else (x - centre_) - delta
 
 
-def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
+def normalize(x: Array, mask: Array | None, centre_: Array, delta: Array | None, var: Array,
+              scale: Array | None, bias: Array | None, epsilon: Array) -> Array:
   """``scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias``, masked values made safe.
 
   ``delta`` may be None (evaluation), ``scale`` and ``bias`` None (no affine part). Every
@@ -74,9 +77,11 @@ def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
   return y if bias is None else y + bias
 
 
-def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
-  """The moments for the running update, and the count, centre, delta and variance to normalise
-  with (with ghost batches, one of each per ghost batch: its own, on this device).
+def _statistics(config: TrainConfig, x: Array, mask: Array | None, fallback_mean: Array,
+                fallback_var: Array) -> tuple[stats.Moments, Array, Array, Array, Array]:
+  """The moments for the running update; the count, centre, delta and variance to normalise with.
+
+  With ghost batches, the last four are per ghost batch: its own, on this device.
 
   Channels without any valid value are normalised with the fallback (running) statistics.
   """
@@ -100,7 +105,9 @@ def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
   return moments, normalising.count, centre_, delta, var
 
 
-def renorm_correction(mean, var, running_mean, running_var, epsilon, r_max=None, d_max=None):
+def renorm_correction(mean: Array, var: Array, running_mean: Array, running_var: Array,
+                      epsilon: Array, r_max: Array | None = None, d_max: Array | None = None
+                      ) -> tuple[Array, Array]:
   """Batch Renormalization's corrections, without gradient (Ioffe 2017, Algorithm 1).
 
       r = clip(sqrt(var + epsilon) / sqrt(running_var + epsilon), 1 / r_max, r_max)
@@ -121,17 +128,22 @@ def renorm_correction(mean, var, running_mean, running_var, epsilon, r_max=None,
   return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def _renormalized(scale, bias, centre_, delta, var, fallback_mean, fallback_var, epsilon,
-                  renorm_clip):
+def _renormalized(scale: Array | None, bias: Array | None, centre_: Array, delta: Array,
+                  var: Array, fallback_mean: Array, fallback_var: Array, epsilon: Array,
+                  renorm_clip: tuple[Array, Array] | None
+                  ) -> tuple[Array, Array, Array, Array]:
   """The scale and bias of ``scale * (x_hat * r + d) + bias``, and ``(r, d)``."""
-  r, d = renorm_correction(centre_ + delta, var, fallback_mean, fallback_var, epsilon,
-                           *renorm_clip)
+  r_max, d_max = (None, None) if renorm_clip is None else renorm_clip
+  r, d = renorm_correction(centre_ + delta, var, fallback_mean, fallback_var, epsilon, r_max,
+                           d_max)
   shift = d if scale is None else scale * d
   return (r if scale is None else scale * r), (shift if bias is None else bias + shift), r, d
 
 
-def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
-          renorm_clip=None):
+def train(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+          bias: Array | None, fallback_mean: Array, fallback_var: Array,
+          epsilon: Array, renorm_clip: tuple[Array, Array] | None = None
+          ) -> tuple[Array, stats.Moments]:
   """Training-mode standardisation, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
   x = x.astype(config.stats_dtype)
   moments, _, centre_, delta, var = _statistics(config, x, mask, fallback_mean, fallback_var)
@@ -143,8 +155,10 @@ def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
-                     renorm_clip=None):
+def train_custom_vjp(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+                     bias: Array | None, fallback_mean: Array, fallback_var: Array,
+                     epsilon: Array, renorm_clip: tuple[Array, Array] | None = None
+                     ) -> tuple[Array, stats.Moments]:
   """`train` with the closed-form backward; the statistics it returns carry no gradient.
 
   `fallback_mean`, `fallback_var` and `renorm_clip` must carry no gradient (the caller stops it).
@@ -152,8 +166,10 @@ def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, 
   return train(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon, renorm_clip)
 
 
-def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon,
-               renorm_clip=None):
+def _train_fwd(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+               bias: Array | None, fallback_mean: Array, fallback_var: Array,
+               epsilon: Array, renorm_clip: tuple[Array, Array] | None = None
+               ) -> tuple[tuple[Array, stats.Moments], tuple[Any, ...]]:
   xs = x.astype(config.stats_dtype)
   moments, count, centre_, delta, var = _statistics(config, xs, mask, fallback_mean, fallback_var)
   r = d = None
@@ -173,19 +189,22 @@ def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilo
   return (y.astype(config.out_dtype), moments), residuals
 
 
-def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok):
-  """This device's ``(sum(dy), sum(dy * x_hat))`` over the reduced axes, by the cheapest exact route."""
+def _local_sums(config: TrainConfig, xs: Array, dy: Array, mask: Array | None, centre_: Array,
+                delta: Array, inv_std: Array, raw_sums_ok: Array) -> tuple[Array, Array]:
+  """This device's ``(sum(dy), sum(dy * x_hat))`` over the reduced axes, cheapest exact route."""
   axes = config.reduce_axes
 
-  def centred_sums(xs, dy, centre_, delta, inv_std):
+  def centred_sums(xs: Array, dy: Array, centre_: Array, delta: Array,
+                   inv_std: Array) -> tuple[Array, Array]:
     x_hat = centre(xs, mask, centre_, delta) * inv_std
     return jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)
 
   if mask is not None:
     return centred_sums(xs, dy, centre_, delta, inv_std)
 
-  def adaptive(xs, dy, centre_, delta, inv_std, raw_sums_ok):
-    def raw_sums(_):
+  def adaptive(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+               raw_sums_ok: Array) -> tuple[Array, Array]:
+    def raw_sums(_: Any) -> tuple[Array, Array]:
       # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
       # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean
       # is within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
@@ -196,7 +215,8 @@ def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok):
     return lax.cond(raw_sums_ok, raw_sums,
                     lambda _: centred_sums(xs, dy, centre_, delta, inv_std), None)
 
-  def one_pass(xs, dy, centre_, delta, inv_std, raw_sums_ok):
+  def one_pass(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+               raw_sums_ok: Array) -> tuple[Array, Array]:
     del raw_sums_ok
     return centred_sums(xs, dy, centre_, delta, inv_std)
 
@@ -204,8 +224,9 @@ def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok):
   return fn(xs, dy, centre_, delta, inv_std, raw_sums_ok)
 
 
-def _train_bwd(config, residuals, cotangents):
-  """dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count), g = scale * dy.
+def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
+               cotangents: tuple[Any, ...]) -> tuple[Any, ...]:
+  """Dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count), g = scale * dy.
 
   The sums of ``g`` are global (one all-reduce over the named axis). The cotangents of `scale`,
   `bias` and `epsilon` are this device's own sums, summed over the mesh axes they are replicated
@@ -234,7 +255,8 @@ def _train_bwd(config, residuals, cotangents):
                                             axis_name, config.axis_index_groups, group)
     unscaled = None
 
-  def param_sum(local_sum, from_global, sum_axes):
+  def param_sum(local_sum: Array, from_global: Callable[[Array], Array],
+                sum_axes: tuple[Any, ...]) -> Array:
     if config.ghost:  # one sum over every ghost batch.
       local_sum = jnp.sum(local_sum, axis=0, keepdims=True)
     if not sum_axes:
@@ -252,7 +274,8 @@ def _train_bwd(config, residuals, cotangents):
     d_scale = param_sum(sum_dy_xhat, lambda u: u[1], config.scale_sum_axes)
   d_bias = None if bias is None else param_sum(sum_dy, lambda u: u[0], config.bias_sum_axes)
   # dy/d(epsilon) = -scale * x_hat * inv_std**2 / 2 at every position.
-  d_eps_channels = -0.5 * inv_std * inv_std * (sum_dy_xhat if scale is None else sum_dy_xhat * scale)
+  scaled_sum = sum_dy_xhat if scale is None else sum_dy_xhat * scale
+  d_eps_channels = -0.5 * inv_std * inv_std * scaled_sum
   if config.ghost:
     d_eps_channels = jnp.sum(d_eps_channels, axis=0, keepdims=True)
   # epsilon is a scalar or has x's rank (per channel).
@@ -282,6 +305,6 @@ _JITTED = {True: jax.jit(train_custom_vjp, static_argnums=0),
            False: jax.jit(train, static_argnums=0)}
 
 
-def jitted_train(custom_vjp: bool):
+def jitted_train(custom_vjp: bool) -> Any:
   """`train_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
   return _JITTED[bool(custom_vjp)]

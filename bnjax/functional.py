@@ -8,13 +8,17 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import jax
 from jax import lax
+import jax.core
 import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax import _standardize
 from bnjax import distributed
 from bnjax import stats
-from bnjax.types import BatchNormParams, BatchNormState, BatchStats, CumulativeState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
+from bnjax.types import BatchStats
+from bnjax.types import CumulativeState
 
 _WHERE = "bnjax.batch_norm"
 
@@ -99,7 +103,8 @@ def update_running_stats(state: _State, mean: jax.Array, var: jax.Array, count: 
   ``new = momentum * old + (1 - momentum) * batch``, computed in at least float32 and returned in
   the state's own dtype (a bfloat16 state moves as a float32 one would, then rounds; it still
   stops moving once ``(1 - momentum) * |batch - running|`` is below half its spacing, e.g. 0.78
-  away near 3.0 at momentum 0.99, so keep running statistics in float32 as `init` makes them). Channels
+  away near 3.0 at momentum 0.99, so keep running statistics in float32 as `init` makes them).
+  Channels
   whose batch statistics are not finite (a NaN or Inf in the batch), that had no valid value, or
   (with ``unbiased``) only one, keep their old values, so a bad batch never poisons the state.
 
@@ -176,6 +181,16 @@ def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool
                unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: Literal[True],
                custom_vjp: bool = ..., stats_route: str = ..., ghost_batch_size: int | None = ...,
                renorm_r_max: Any = ..., renorm_d_max: Any = ...) -> _ReturnsWithStats[_State]: ...
+
+
+@overload
+def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool, *,
+               axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
+               axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
+               unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: bool,
+               custom_vjp: bool = ..., stats_route: str = ..., ghost_batch_size: int | None = ...,
+               renorm_r_max: Any = ..., renorm_d_max: Any = ...
+               ) -> _Returns[_State] | _ReturnsWithStats[_State]: ...
 
 
 def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool, *,
@@ -345,17 +360,18 @@ def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
   keep_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
 
-  def expand(v):  # feature shape -> x's rank, reduced axes as 1, statistics dtype.
-    return None if v is None else jnp.asarray(v).astype(stats_dtype).reshape(keep_shape)
+  def expand(v: Any) -> jax.Array:  # feature shape -> x's rank, reduced axes as 1.
+    return jnp.asarray(v).astype(stats_dtype).reshape(keep_shape)
 
-  def squeeze(v):  # x's rank -> feature shape.
+  def squeeze(v: jax.Array) -> jax.Array:  # x's rank -> feature shape.
     return v.reshape(feature_shape)
 
   if not train:
     epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
-    y = _standardize.normalize(x.astype(stats_dtype), mask, expand(state.mean), None,
-                               expand(state.var), expand(params.scale), expand(params.bias),
-                               epsilon).astype(out_dtype)
+    y = _standardize.normalize(
+        x.astype(stats_dtype), mask, expand(state.mean), None, expand(state.var),
+        None if params.scale is None else expand(params.scale),
+        None if params.bias is None else expand(params.bias), epsilon).astype(out_dtype)
     return y, state
   if momentum is not None:
     _per_channel(momentum, feature_shape, keep_shape, stats_dtype, "momentum")
@@ -366,9 +382,10 @@ def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool
     ghost = _GhostLayout(x.shape[0], ghost_batch_size)
     x, mask = ghost.split(x, mask)
     feature_axes = tuple(a + 1 for a in feature_axes)
-    reduce_axes = (1,) + tuple(a + 1 for a in reduce_axes if a != 0)
-    keep_shape = (1,) + keep_shape
-  scale, bias = expand(params.scale), expand(params.bias)
+    reduce_axes = (1, *tuple(a + 1 for a in reduce_axes if a != 0))
+    keep_shape = (1, *keep_shape)
+  scale = None if params.scale is None else expand(params.scale)
+  bias = None if params.bias is None else expand(params.bias)
   running_mean, running_var = expand(state.mean), expand(state.var)
   epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
 
@@ -387,7 +404,7 @@ def batch_norm(params: BatchNormParams, state: _State, x: jax.Array, train: bool
     _checks.check_values_per_channel(local_count, devices, _WHERE)
   _check_count_fits(local_count, size if axis_name is not None else 1)
 
-  def sum_axes(value):
+  def sum_axes(value: Any) -> tuple[Any, ...]:
     # Mesh axes over which `x` varies but `value` does not (under `shard_map`): the cotangent of
     # `value` must be summed over them, as autodiff's transpose would.
     if value is None:
@@ -454,14 +471,14 @@ class _GhostLayout:
         mask = mask & rows
       else:
         mask = jnp.pad(mask, [(0, self.padding)] + [(0, 0)] * (x.ndim - 1))
-    x = x.reshape((self.ghosts, self.size) + x.shape[1:])
+    x = x.reshape((self.ghosts, self.size, *x.shape[1:]))
     if mask is not None:
-      mask = (mask.reshape((1, 1) + mask.shape[1:]) if mask.shape[0] == 1
-              else mask.reshape((self.ghosts, self.size) + mask.shape[1:]))
+      mask = (mask.reshape((1, 1, *mask.shape[1:])) if mask.shape[0] == 1
+              else mask.reshape((self.ghosts, self.size, *mask.shape[1:])))
     return x, mask
 
   def join(self, y: jax.Array) -> jax.Array:
-    y = y.reshape((self.ghosts * self.size,) + y.shape[2:])
+    y = y.reshape((self.ghosts * self.size, *y.shape[2:]))
     return y[:self.batch] if self.padding else y
 
   def check_values_per_channel(self, values_per_example: int) -> None:
@@ -480,26 +497,29 @@ def _any_tracer(tree: Any) -> bool:
 @functools.partial(jax.jit, static_argnames=("axis", "unbiased_running_var", "dtype",
                                              "return_stats", "custom_vjp", "stats_route",
                                              "ghost_batch_size"))
-def _eager_train(params, state, x, mask, momentum, epsilon, renorm_clip, **static):
+def _eager_train(params: Any, state: Any, x: jax.Array, mask: jax.Array | None, momentum: Any,
+                 epsilon: Any, renorm_clip: tuple[Any, Any] | None, **static: Any) -> Any:
   r_max, d_max = (None, None) if renorm_clip is None else renorm_clip
   return batch_norm(params, state, x, True, mask=mask, momentum=momentum, epsilon=epsilon,
                     renorm_r_max=r_max, renorm_d_max=d_max, **static)
 
 
-def _per_channel(value: Any, feature_shape, keep_shape, dtype, name: str) -> jax.Array:
+def _per_channel(value: Any, feature_shape: tuple[int, ...], keep_shape: tuple[int, ...],
+                 dtype: Any, name: str) -> jax.Array:
   """A scalar hyper-parameter as is; per-channel values (of the feature shape) at `x`'s rank."""
   value = jnp.asarray(value, dtype)
   if value.ndim == 0:
     return value
   if value.shape != tuple(feature_shape):
-    _checks.fail(_WHERE, f"`{name}` must be a scalar or have the feature shape {tuple(feature_shape)}; "
+    _checks.fail(_WHERE, f"`{name}` must be a scalar or have the feature shape "
+                 f"{tuple(feature_shape)}; "
                  f"got shape {value.shape}.")
   return value.reshape(keep_shape)
 
 
 def _check_count_fits(local_count: Any, devices: int) -> None:
   """Counts are int32 without x64: more than 2**31 - 1 values per channel cannot be counted."""
-  if jax.config.jax_enable_x64:
+  if jax.config.read("jax_enable_x64"):
     return
   try:
     too_many = local_count * devices > jnp.iinfo(jnp.int32).max

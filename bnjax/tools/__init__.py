@@ -26,7 +26,7 @@ from bnjax.tools.precise import population_state as population_state
 from bnjax.tools.precise import precise_batch_stats as precise_batch_stats
 from bnjax.tools.renorm import renorm_schedule as renorm_schedule
 
-if TYPE_CHECKING:  # imported on first use (they import flax); named here for type checkers.
+if TYPE_CHECKING:  # Served on first access (they import flax), typed for type checkers.
   from bnjax.tools.freeze import norm_layer_paths as norm_layer_paths
   from bnjax.tools.freeze import norm_params_filter as norm_params_filter
   from bnjax.tools.freeze import norm_params_labels as norm_params_labels
@@ -36,11 +36,23 @@ if TYPE_CHECKING:  # imported on first use (they import flax); named here for ty
 _FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
            "params_except_norms")
 
-__all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", "merge_population",  # noqa: RUF022
-           "population_moments", "population_state", "precise_batch_stats", "renorm_schedule",
-           "pool_batch_stats", "update_from_micro_batches",
-           "norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
-           "params_except_norms"]
+__all__ = [
+  "FoldPair",
+  "fold_batch_norm",
+  "fold_batch_norms",
+  "merge_population",
+  "norm_layer_paths",
+  "norm_params_filter",
+  "norm_params_labels",
+  "norm_params_mask",
+  "params_except_norms",
+  "pool_batch_stats",
+  "population_moments",
+  "population_state",
+  "precise_batch_stats",
+  "renorm_schedule",
+  "update_from_micro_batches",
+]
 
 
 def __getattr__(name: str) -> Any:
