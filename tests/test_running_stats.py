@@ -396,3 +396,21 @@ def test_nnx_options_match_functional_and_cumulative_adds_a_count():
   np.testing.assert_allclose(layer.mean[...], reference.moments(x)[0], **F32)  # first update
   np.testing.assert_array_equal(layer.count[...], [1, 1, 1])
   np.testing.assert_allclose(layer.var[...], new_state.var, atol=1e-7)
+
+
+def test_ghost_batches_with_a_mask_use_each_ghost_batch_valid_rows():
+  x, params, state = _inputs((10, 3), seed=60)
+  valid = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 0], bool)[:, None]
+  y, new_state = jax.jit(lambda x, m: bnjax.batch_norm(params, state, x, True, mask=m,
+                                                       ghost_batch_size=4, momentum=0.9))(
+      x, jnp.asarray(valid))
+  xs = np.asarray(x, np.float64)
+  for start in (0, 4, 8):  # ghost batches of 4, 4 and 2 rows.
+    rows = slice(start, start + 4)
+    mean, var, _ = reference.moments(xs[rows], mask=valid[rows])
+    y_ref = reference.normalize(xs[rows], mean, var, params.scale, params.bias)
+    keep = np.broadcast_to(valid[rows], y_ref.shape)
+    np.testing.assert_allclose(np.asarray(y)[rows][keep], y_ref[keep], **F32)
+  _, mean_ref, var_ref = reference.train_step(x, state.mean, state.var, momentum=0.9, mask=valid)
+  np.testing.assert_allclose(new_state.mean, mean_ref, **F32)
+  np.testing.assert_allclose(new_state.var, var_ref, **F32)
