@@ -414,3 +414,27 @@ def test_ghost_batches_with_a_mask_use_each_ghost_batch_valid_rows():
   _, mean_ref, var_ref = reference.train_step(x, state.mean, state.var, momentum=0.9, mask=valid)
   np.testing.assert_allclose(new_state.mean, mean_ref, **F32)
   np.testing.assert_allclose(new_state.var, var_ref, **F32)
+
+
+def test_renorm_adds_no_full_size_pass_and_no_collective_to_training():
+  # Compiled-HLO budget: forward + closed-form backward with r and d costs what batch norm costs.
+  from benchmarks import hlo
+
+  x, params, state = _inputs((64, 3), seed=70)
+
+  def program(renorm):
+    def step(params, state, x, r_max, d_max):
+      def f(x, params):
+        bounds = dict(renorm_r_max=r_max, renorm_d_max=d_max) if renorm else {}
+        y, _ = bnjax.batch_norm(params, state, x, True, axis_name=AXIS, **bounds)
+        return jnp.sum(jnp.sin(y))
+      return jax.grad(f, argnums=(0, 1))(x, params)
+    mapped = jax.shard_map(step, mesh=_mesh(), in_specs=(P(), P(), P(AXIS), P(), P()),
+                           out_specs=(P(AXIS), P()))
+    return jax.jit(mapped).lower(params, state, _shard(x), jnp.float32(2.0),
+                                 jnp.float32(1.0)).compile().as_text()
+
+  plain, renorm = program(False), program(True)
+  local_size = x.size // 8
+  assert hlo.count_collectives(renorm) == hlo.count_collectives(plain)
+  assert hlo.count_passes(renorm, local_size) == hlo.count_passes(plain, local_size)
