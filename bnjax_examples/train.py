@@ -22,9 +22,11 @@ import ml_collections
 
 from bnjax_examples import checkpointing
 from bnjax_examples import config_check
+from bnjax_examples import fine_tune
 from bnjax_examples import input_pipeline
 from bnjax_examples import loop
 from bnjax_examples import metrics
+from bnjax_examples import nnx_steps
 from bnjax_examples import parallel
 from bnjax_examples import reporting
 from bnjax_examples import steps
@@ -54,6 +56,38 @@ def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
                                 fast_compile=fast_compile)
 
 
+def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset, mesh: Mesh,
+              learning_rate_fn: Callable[[Any], jax.Array]) -> tuple[Any, Callable, Callable]:
+  """The initial state (replicated), the train step and the eval step of the config's path.
+
+  ``config.api='linen'`` trains `steps`' linen model; with ``config.init_from`` it fine-tunes the
+  checkpoint of that run with frozen batch norm (`fine_tune`). ``config.api='nnx'`` trains the
+  NNX model of `nnx_steps`. Every path runs on the same mesh, data and loop.
+  """
+  key = jax.random.key(config.seed)
+  if config.get("api", "linen") == "nnx":
+    state = parallel.replicate(functools.partial(
+        nnx_steps.create_train_state, key, config, dataset.num_classes, dataset.image_shape,
+        learning_rate_fn, axis_name=parallel.AXIS), mesh)
+    return state, *(parallel.data_parallel(
+        functools.partial(step, axis_name=parallel.AXIS), mesh, donate_state=donate,
+        fast_compile=config.fast_compile) for step, donate in
+        ((nnx_steps.functional_train_step, True), (nnx_steps.functional_eval_step, False)))
+  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
+  if config.get("init_from"):
+    state = parallel.replicate(fine_tune.initial_state(config, model, dataset.image_shape,
+                                                       learning_rate_fn), mesh)
+    train_fn = parallel.data_parallel(
+        functools.partial(fine_tune.train_step, axis_name=parallel.AXIS), mesh,
+        donate_state=True, fast_compile=config.fast_compile)
+  else:
+    state = parallel.replicate(functools.partial(
+        steps.create_train_state, key, config, model, dataset.image_shape, learning_rate_fn),
+        mesh)
+    train_fn = parallel_train_step(mesh, fast_compile=config.fast_compile)
+  return state, train_fn, parallel_eval_step(mesh, fast_compile=config.fast_compile)
+
+
 def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline.Dataset,
              mesh: Mesh, global_batch_size: int) -> dict[str, float]:
   """Test loss and accuracy over the whole test set, with the running statistics."""
@@ -65,7 +99,7 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline
 
 def run_description(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
   """What a checkpoint records of its run: the data stream (must match to resume), the model."""
-  model_fields = {"model": config.model, "norm": config.norm}
+  model_fields = {"model": config.model, "norm": config.norm, "api": config.get("api", "linen")}
   model_fields.update(config.cnn.to_dict() if config.model == "CNN" else config.resnet.to_dict())
   return {"data": {"dataset": config.dataset, "seed": config.seed,
                    "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
@@ -114,11 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                "on %s.", config.model, NORM_LABELS[config.norm], config.dataset, num_train,
                len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
 
-  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
-  state = parallel.replicate(functools.partial(
-      steps.create_train_state, jax.random.key(config.seed), config, model, dataset.image_shape,
-      learning_rate_fn), mesh)
+  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                             run_description(config, steps_per_epoch))
   totals = metrics.EpochTotals()
@@ -136,7 +167,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     logging.info("The checkpoint at step %d already finished the %d steps of this config; delete "
                  "%s to train again.", start_step, num_steps, workdir)
 
-  eval_fn = parallel_eval_step(mesh, fast_compile=config.fast_compile)
   batches = (parallel.shard_batch(batch, mesh, config.batch_size)
              for batch in input_pipeline.train_batches(
                  dataset, global_batch_size=config.batch_size, seed=config.seed,
@@ -144,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                  rows=parallel.process_rows(mesh, config.batch_size), augment=config.augment))
   state = loop.run(
       state, start_step=start_step, schedule=schedule,
-      train_fn=parallel_train_step(mesh, fast_compile=config.fast_compile), batches=batches,
+      train_fn=train_fn, batches=batches,
       evaluate_fn=lambda state: evaluate(eval_fn, state, dataset, mesh, config.eval_batch_size),
       epoch_fields=lambda step: {"learning_rate": float(learning_rate_fn(step - 1)),
                                  "norm": config.norm},
