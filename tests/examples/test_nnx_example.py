@@ -54,10 +54,8 @@ def linen_and_nnx_states(config):
   return linen_state, nnx_steps.TrainState.from_objects(nnx_model, optimizer, nnx_state.step)
 
 
-@pytest.mark.parametrize("norm", ["bnjax", "none"])
-def test_nnx_steps_equal_linen_steps_from_the_same_weights(norm):
+def test_nnx_steps_equal_linen_steps_from_the_same_weights():
   config = default_config.get_config("smoke")
-  config.norm = norm
   linen_state, nnx_state = linen_and_nnx_states(config)
   linen_step, nnx_step = jax.jit(steps.train_step), jax.jit(nnx_steps.functional_train_step)
   for batch in random_batches(NUM_STEPS):
