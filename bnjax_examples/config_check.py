@@ -137,8 +137,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
           "--config.init_from=workdir/default.")
   require(init_from is None or (isinstance(init_from, str)
                                 and (not init_from or os.path.isdir(init_from))),
-          "init_from", "must be \"\" (train from scratch) or the --workdir of a finished run, "
-          "an existing directory.")
+          "init_from", "must be \"\" (train from scratch) or the --workdir of a finished "
+          "run, an existing directory.")
   if init_from:
     require(not compare, "compare_norms",
             "fine-tuning (config.init_from) starts from one run's checkpoint; use ().")

@@ -32,8 +32,8 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-import bnjax.linen
 from bnjax import tools
+import bnjax.linen
 from bnjax_examples import checkpointing
 from bnjax_examples import config_check
 from bnjax_examples import steps
@@ -41,6 +41,13 @@ from bnjax_examples import steps
 # The norm-layer classes of `models.norm_factory`: frozen whichever the config chooses.
 NORM_LAYER_TYPES = (bnjax.linen.BatchNorm, nn.BatchNorm, bnjax.linen.WhiteningBatchNorm)
 FROZEN, TRAINABLE = "frozen", "trainable"
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+  """``{'params/Conv_0/kernel': (3, 3, 1, 32), ...}`` for the leaves of a tree of nested dicts."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
 
 
 def load_variables(checkpoint_dir: str, model_variables: dict[str, Any]) -> dict[str, Any]:
@@ -69,8 +76,8 @@ def load_variables(checkpoint_dir: str, model_variables: dict[str, Any]) -> dict
     stored = manager.item_metadata(step)["state"]
     stored = getattr(stored, "tree", stored)
     differences = checkpointing.describe_mismatch(
-        checkpointing._shapes_by_name({k: stored.get(k, {}) for k in ("params", "batch_stats")}),
-        checkpointing._shapes_by_name(model_variables))
+        _shapes_by_name({k: stored.get(k, {}) for k in ("params", "batch_stats")}),
+        _shapes_by_name(model_variables))
     if differences:
       raise checkpointing.CheckpointMismatchError(
           f"config.init_from: the checkpoint {where} was written by a different model than the "

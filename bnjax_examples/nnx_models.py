@@ -69,6 +69,7 @@ class CNN(nnx.Module):
                features: Sequence[int] = (32, 64), hidden: int = 256, norm: str = "bnjax",
                momentum: float = 0.9, epsilon: float = 1e-5, axis_name: Any = None,
                rngs: nnx.Rngs) -> None:
+    """Creates the layers (arguments: see the class docstring)."""
     norm_class = _norm_class(norm)
     height, width, channels = image_shape
     self.features = tuple(features)

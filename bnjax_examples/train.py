@@ -34,6 +34,16 @@ from bnjax_examples import steps
 CHECKPOINT_DIR = "checkpoints"  # Under the work directory.
 NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
                "whitening": "bnjax.linen.WhiteningBatchNorm", "none": "no normalisation"}
+NNX_NORM_LABELS = {"bnjax": "bnjax.nnx.BatchNorm", "flax": "flax.nnx.BatchNorm",
+                   "none": "no normalisation (NNX)"}
+
+
+def run_label(config: ml_collections.ConfigDict, norm: str | None = None) -> str:
+  """What a run is called in logs and plots: its norm layer, the API, fine-tuning."""
+  norm = config.norm if norm is None else norm
+  label = (NNX_NORM_LABELS.get(norm, NORM_LABELS[norm]) if config.get("api", "linen") == "nnx"
+           else NORM_LABELS[norm])
+  return label + (", fine-tuned, batch norm frozen" if config.get("init_from") else "")
 
 
 def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
@@ -145,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   metrics_path = os.path.join(workdir, reporting.METRICS_FILE)
   mesh = parallel.create_mesh()
   logging.info("Training %s with %s on %s: %d train / %d test examples, %d steps per epoch, "
-               "on %s.", config.model, NORM_LABELS[config.norm], config.dataset, num_train,
+               "on %s.", config.model, run_label(config), config.dataset, num_train,
                len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
 
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
@@ -184,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     records = reporting.read_metrics(metrics_path)
     if records:
       reporting.plot_learning_curves(
-          {NORM_LABELS[config.norm]: records}, os.path.join(workdir, reporting.PLOT_FILE),
+          {run_label(config): records}, os.path.join(workdir, reporting.PLOT_FILE),
           title=f"{config.model} on {config.dataset}")
   return state
 
@@ -212,7 +222,7 @@ def compare_norms(config: ml_collections.ConfigDict,
       run_config.compare_norms = ()
     states[norm] = train_and_evaluate(run_config, os.path.join(workdir, norm))
   if jax.process_index() == 0:
-    runs = {NORM_LABELS[norm]: reporting.read_metrics(
+    runs = {run_label(config, norm): reporting.read_metrics(
         os.path.join(workdir, norm, reporting.METRICS_FILE)) for norm in config.compare_norms}
     reporting.plot_learning_curves(
         runs, os.path.join(workdir, reporting.COMPARISON_PLOT_FILE),

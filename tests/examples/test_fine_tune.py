@@ -1,6 +1,7 @@
-"""Fine-tuning a finished run with frozen batch norm (``configs/fine_tune.py``, ``init_from``): the
-running statistics and the norm layers' scale/bias stay bit-identical to the loaded checkpoint's
-while every other parameter trains; bad ``init_from`` values fail with the fix.
+"""Fine-tuning a finished run with frozen batch norm (``configs/fine_tune.py``, ``init_from``).
+
+The running statistics and the norm layers' scale/bias stay bit-identical to the loaded
+checkpoint's while every other parameter trains; bad ``init_from`` values fail with the fix.
 """
 
 import importlib
@@ -52,7 +53,8 @@ def test_fine_tuning_leaves_running_statistics_bit_identical(trained_run, fine_t
   _, trained = trained_run
   assert int(jax.device_get(fine_tuned_run.step)) == 2
   expected, actual = host_tree(trained.batch_stats), host_tree(fine_tuned_run.batch_stats)
-  assert expected.keys() == actual.keys() and len(expected) == 6
+  assert expected.keys() == actual.keys()
+  assert len(expected) == 6
   for name in expected:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
@@ -63,7 +65,8 @@ def test_fine_tuning_freezes_norm_scale_and_bias_and_trains_the_rest(trained_run
   assert expected.keys() == actual.keys()
   norm_names = [name for name in expected if is_norm_param(name)]
   other_names = [name for name in expected if not is_norm_param(name)]
-  assert len(norm_names) == 6 and len(other_names) == 5
+  assert len(norm_names) == 6
+  assert len(other_names) == 5
   for name in norm_names:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
   for name in other_names:
@@ -105,6 +108,6 @@ def test_init_from_a_run_of_another_model_is_refused(trained_run, tmp_path):
   config = tiny(fine_tune_config.get_config("smoke"))
   config.init_from = str(trained_workdir)
   config.cnn.features = (4, 16)
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"params/Conv_0/kernel: checkpoint \(3, 3, 1, 8\), model \(3, 3, 1, 4\)"):
+  mismatch = r"params/Conv_0/kernel: checkpoint \(3, 3, 1, 8\), model \(3, 3, 1, 4\)"
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=mismatch):
     train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -1,13 +1,15 @@
-"""The example's NNX path (``config.api='nnx'``): the NNX CNN with `bnjax.nnx.BatchNorm` takes the
-same steps as the linen CNN from the same weights, trains through the shared loop on 8 devices,
-checkpoints and resumes exactly, and its config limits fail before anything runs.
+"""The example's NNX path (``config.api='nnx'``).
+
+The NNX CNN with `bnjax.nnx.BatchNorm` takes the same steps as the linen CNN from the same weights,
+trains through the shared loop on 8 devices, checkpoints and resumes exactly, and its config limits
+fail before anything runs.
 """
 
+from flax import nnx
 import jax
 import numpy as np
 import pytest
 
-from flax import nnx
 from bnjax_examples import config_check
 from bnjax_examples import nnx_models
 from bnjax_examples import nnx_steps
@@ -129,18 +131,22 @@ def test_nnx_run_resumes_exactly_from_its_checkpoint(nnx_run, tmp_path):
   stopped = train.train_and_evaluate(config, str(tmp_path))
   assert int(jax.device_get(stopped.step)) == 3
   resumed = train.train_and_evaluate(nnx_smoke_config(), str(tmp_path))
-  trees = lambda state: host_tree({"params": state.params, "batch_stats": state.batch_stats,
-                                   "opt_state": state.opt_state})
+  def trees(state):
+    return host_tree({"params": state.params, "batch_stats": state.batch_stats,
+                      "opt_state": state.opt_state})
+
   expected, actual = trees(straight_state), trees(resumed)
   assert actual.keys() == expected.keys()
   for name in expected:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
-  strip = lambda records: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records]
-  assert strip(reporting.read_metrics(str(tmp_path / reporting.METRICS_FILE))) == strip(
-      reporting.read_metrics(str(straight_workdir / reporting.METRICS_FILE)))
+  def records(workdir):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"}
+            for r in reporting.read_metrics(str(workdir / reporting.METRICS_FILE))]
+
+  assert records(tmp_path) == records(straight_workdir)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(("field", "value", "message"), [
     ("api", "haiku", "config.api = 'haiku': unknown Flax API; use one of linen, nnx"),
     ("model", "ResNet", "config.model = 'ResNet': the NNX path (config.api='nnx') builds the CNN"),
     ("norm", "whitening", "config.norm = 'whitening': the NNX path (config.api='nnx') builds"),
