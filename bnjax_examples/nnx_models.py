@@ -8,6 +8,7 @@ linen model's ``params`` and ``batch_stats``, and `load_linen_variables` copies 
 initialisation (or checkpoint) into the NNX model:
 
   >>> from flax import nnx
+  >>> import jax.numpy as jnp
   >>> model = CNN(num_classes=10, image_shape=(8, 8, 1), features=(4, 8), hidden=16,
   ...             norm='bnjax', rngs=nnx.Rngs(0))
   >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))['BatchNorm_0']

@@ -5,6 +5,8 @@ trains through the shared loop on 8 devices, checkpoints and resumes exactly, an
 fail before anything runs.
 """
 
+import doctest
+
 from flax import nnx
 import jax
 import numpy as np
@@ -91,6 +93,12 @@ def test_nnx_jit_stateful_step_equals_the_functional_step():
   actual = host_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   for name in expected:
     np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_nnx_models_docstring_example_runs():
+  result = doctest.testmod(nnx_models)
+  assert result.attempted > 0
+  assert result.failed == 0
 
 
 def test_linen_variables_of_another_model_are_refused():
