@@ -6,6 +6,7 @@ fail before anything runs.
 """
 
 import doctest
+import functools
 
 from flax import nnx
 import jax
@@ -15,6 +16,7 @@ import pytest
 from bnjax_examples import config_check
 from bnjax_examples import nnx_models
 from bnjax_examples import nnx_steps
+from bnjax_examples import parallel
 from bnjax_examples import reporting
 from bnjax_examples import steps
 from bnjax_examples import train
@@ -93,6 +95,33 @@ def test_nnx_jit_stateful_step_equals_the_functional_step():
   actual = host_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   for name in expected:
     np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_nnx_steps_on_8_devices_equal_the_steps_on_one():
+  """Statistics combined over the mesh and gradients averaged: the global batch's step."""
+  assert jax.device_count() == 8
+  config = default_config.get_config("smoke")
+  learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch=4)
+
+  def create(axis_name):
+    return nnx_steps.create_train_state(jax.random.key(0), config, 10, IMAGE_SHAPE,
+                                        learning_rate_fn, axis_name=axis_name)
+
+  mesh = parallel.create_mesh()
+  sharded_step = parallel.data_parallel(
+      functools.partial(nnx_steps.functional_train_step, axis_name=parallel.AXIS), mesh)
+  single_step = jax.jit(nnx_steps.functional_train_step)
+  sharded_state, single_state = create(parallel.AXIS), create(None)
+  for batch in random_batches(2):
+    sharded_state, sharded_metrics = sharded_step(sharded_state,
+                                                  parallel.shard_batch(batch, mesh, 32))
+    single_state, single_metrics = single_step(single_state, batch)
+    np.testing.assert_allclose(float(sharded_metrics["loss_sum"]),
+                               float(single_metrics["loss_sum"]), rtol=1e-5)
+  expected = host_tree({"params": single_state.params, "batch_stats": single_state.batch_stats})
+  actual = host_tree({"params": sharded_state.params, "batch_stats": sharded_state.batch_stats})
+  for name in expected:
+    np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_nnx_models_docstring_example_runs():
