@@ -7,7 +7,9 @@ together, so the effect of batch norm is visible.
 This module puts a run together from its parts, each in its own module: `config_check` (the config
 is valid), `input_pipeline` (data), `steps` (model, optimizer, the pure train and eval steps),
 `parallel` (the mesh over every device, the batch split along it), `loop` (epochs, metrics,
-checkpoints), `checkpointing` and `reporting` (metrics file, plots).
+checkpoints), `checkpointing` and `reporting` (metrics file, plots). ``config.api='nnx'`` swaps
+`steps` for `nnx_steps` (the same CNN in Flax NNX), and ``config.init_from`` fine-tunes a
+finished run with frozen batch norm (`fine_tune`); the rest is shared.
 """
 
 from collections.abc import Callable

@@ -70,6 +70,11 @@ def test_nnx_steps_equal_linen_steps_from_the_same_weights():
     np.testing.assert_allclose(float(nnx_metrics["loss_sum"]), float(linen_metrics["loss_sum"]),
                                rtol=1e-5)
     assert float(nnx_metrics["correct"]) == float(linen_metrics["correct"])
+  test_batch = dict(random_batches(1, batch_size=16)[0], weight=np.ones(16, np.float32))
+  linen_eval = jax.jit(steps.eval_step)(linen_state, test_batch)
+  nnx_eval = jax.jit(nnx_steps.functional_eval_step)(nnx_state, test_batch)
+  np.testing.assert_allclose(float(nnx_eval["loss_sum"]), float(linen_eval["loss_sum"]),
+                             rtol=1e-5)
   expected = host_tree({"params": linen_state.params, "batch_stats": linen_state.batch_stats})
   actual = host_tree({"params": nnx_state.params, "batch_stats": nnx_state.batch_stats})
   assert actual.keys() == expected.keys()
