@@ -228,6 +228,13 @@ def train(model: MLP, norm: Norm, data: Data, key: jax.Array, learning_rate: Any
   return params, states, history
 
 
+def jit(fn: Callable[..., Any], fast_compile: bool = False) -> Callable[..., Any]:
+  """`jax.jit`, on CPU optionally without LLVM optimisation (compiles faster, runs slower: smoke)."""
+  on_cpu = jax.default_backend() == "cpu"
+  options = {"xla_backend_optimization_level": 0} if fast_compile and on_cpu else None
+  return jax.jit(fn, compiler_options=options)
+
+
 def seed_keys(seeds: Sequence[int]) -> jax.Array:
   """One key per seed."""
   return jnp.stack([jax.random.key(s) for s in seeds])
