@@ -13,11 +13,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
-from absl import app  # noqa: E402  (after the device count is set)
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
-from bnjax_examples.experiments import runner  # noqa: E402
+from bnjax_examples.experiments import runner
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for result.json and plot.png.")
@@ -28,6 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  """Runs the experiment of ``--config`` into ``--workdir`` and prints its verdict."""
   del argv
   result = runner.run_experiment(FLAGS.config, FLAGS.workdir)
   print(f"{result['name']}: {result['verdict']} ({result['elapsed_s']:.0f} s)\n"

@@ -47,7 +47,8 @@ def digits(train_examples: int = 0) -> Data:
     train_examples: if > 0, keep only the first this many training examples (a harder setting).
   """
   dataset = input_pipeline.load_dataset("digits", seed=SPLIT_SEED)
-  flat = lambda images: jnp.asarray(images.reshape(len(images), -1))
+  def flat(images: np.ndarray) -> jax.Array:
+    return jnp.asarray(images.reshape(len(images), -1))
   train_x, train_y = flat(dataset.train_images), jnp.asarray(dataset.train_labels)
   if train_examples > 0:
     train_x, train_y = train_x[:train_examples], train_y[:train_examples]
@@ -82,6 +83,7 @@ class MLP:
   num_classes: int = 10
 
   def __post_init__(self):
+    """Checks the placement and the activation."""
     if self.placement not in PLACEMENTS:
       raise ValueError(f"MLP: `placement` must be one of {PLACEMENTS}; got {self.placement!r}.")
     if self.activation not in ("relu", "sigmoid"):
@@ -89,6 +91,7 @@ class MLP:
 
   @property
   def has_bias(self) -> bool:
+    """Whether the hidden dense layers have a bias."""
     return self.placement != "before" if self.dense_bias is None else self.dense_bias
 
   def init(self, key: jax.Array, in_features: int, norm_state: Callable[[int], Any] | None = None
@@ -103,7 +106,7 @@ class MLP:
     widths = (in_features, *self.hidden, self.num_classes)
     keys = jax.random.split(key, len(widths) - 1)
     dense = []
-    for i, (k, fan_in, fan_out) in enumerate(zip(keys, widths[:-1], widths[1:])):
+    for i, (k, fan_in, fan_out) in enumerate(zip(keys, widths[:-1], widths[1:], strict=True)):
       layer = {"w": jax.random.normal(k, (fan_in, fan_out)) / np.sqrt(fan_in).astype(np.float32)}
       if self.has_bias or i == len(widths) - 2:
         layer["b"] = jnp.zeros((fan_out,))
@@ -229,7 +232,7 @@ def train(model: MLP, norm: Norm, data: Data, key: jax.Array, learning_rate: Any
 
 
 def jit(fn: Callable[..., Any], fast_compile: bool = False) -> Callable[..., Any]:
-  """`jax.jit`, on CPU optionally without LLVM optimisation (compiles faster, runs slower: smoke)."""
+  """`jax.jit`; on CPU optionally without LLVM optimisation (compiles faster, runs slower)."""
   on_cpu = jax.default_backend() == "cpu"
   options = {"xla_backend_optimization_level": 0} if fast_compile and on_cpu else None
   return jax.jit(fn, compiler_options=options)

@@ -80,21 +80,19 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
   _plot(config, results, plot_path)
   return {
       "claim_number": 5,
-      "claim": "Batch norm after the ReLU works better than before it (the original paper's "
-               "placement).",
+      "claim": ("Batch norm after the ReLU works better than before it (the original paper's "
+                "placement)."),
       "source": "Ioffe & Szegedy 2015, §3.2 (before); lecture notes that call it 'a bad idea'",
-      "published": "no number; the next layer sees mean 0.399, std 0.584 after a ReLU of unit "
-                   "Gaussians (analytic)",
+      "published": ("no number; the next layer sees mean 0.399, std 0.584 after a ReLU of unit "
+                    "Gaussians (analytic)"),
       "criterion": ("confirmed if the final test accuracy with BN after the ReLU exceeds that with "
                     "BN before by more than 2 standard errors of the difference (over seeds); not "
                     "confirmed if it falls short by more than that; inconclusive otherwise"),
       "measured": measured,
       "verdict": verdict,
       "seeds": list(config.seeds),
-      "notes": ["MLP only; the example CNN (which normalises before the ReLU) is not run in the "
-                "'after' placement yet.",
-                "Digits is an easy task: all placements end within a few points of each other, "
-                "which limits what a difference can show."],
+      "notes": [("MLP only; the example CNN (which normalises before the ReLU) is not run in the "
+                 "'after' placement yet.")],
       "data": {"summary": summary, "gaussian_mean": GAUSSIAN_MEAN, "gaussian_std": GAUSSIAN_STD,
                "difference": difference, "standard_error": standard_error},
   }
@@ -106,8 +104,8 @@ def _plot(config, results, plot_path: str) -> None:
   ax = axes[0, 0]
   for placement, r in results.items():
     curves = 100 * r["test_accuracy"]
-    line, = ax.plot(steps, curves.mean(axis=0), label=f"BN {placement} the ReLU"
-                    if placement != "none" else "no BN")
+    label = f"BN {placement} the ReLU" if placement != "none" else "no BN"
+    line, = ax.plot(steps, curves.mean(axis=0), label=label)
     ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=line.get_color(),
                     alpha=0.2)
   ax.set(xlabel="step", ylabel="test accuracy (%)", ylim=(80, 100),

@@ -24,7 +24,7 @@ ARMS = ("batch norm", "stop_gradient")
 
 
 def stop_gradient_norm(momentum: float) -> harness.Norm:
-  """Batch norm whose batch mean and variance are constants to the gradient (the broken variant)."""
+  """Batch norm whose batch mean and variance are constants to the gradient (broken on purpose)."""
   def norm(params, state, x, train):
     if not train:
       return bnjax.batch_norm(params, state, x, False)
@@ -112,19 +112,19 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
   _plot(config, histories, plot_path)
   return {
       "claim_number": 4,
-      "claim": "Normalising outside the gradient step (batch mean and variance treated as "
-               "constants) makes the parameters blow up while the loss does not improve.",
+      "claim": ("Normalising outside the gradient step (batch mean and variance treated as "
+                "constants) makes the parameters blow up while the loss does not improve."),
       "source": "Ioffe & Szegedy 2015, §2",
       "published": "'b will grow indefinitely while the loss remains fixed' (no number)",
       "criterion": (f"confirmed if, at every learning rate, ‖b‖ or ‖W‖ of the hidden layers grows "
                     f"by ≥ {growth}x over the second half of training with stop_gradient (mean "
-                    f"over seeds), and by < {growth}x with proper batch norm (norms compared above a floor of "
-                    f"{NORM_FLOOR:g}, below which a parameter counts as zero)"),
+                    f"over seeds), and by < {growth}x with proper batch norm (norms compared above a "
+                    f"floor of {NORM_FLOOR:g}, below which a parameter counts as zero)"),
       "measured": "; ".join(pieces),
       "verdict": verdict,
       "seeds": list(config.seeds),
-      "notes": ["The hidden dense layers keep their bias in both arms; with proper batch norm it "
-                "gets a zero gradient and stays at its initial 0."],
+      "notes": [("The hidden dense layers keep their bias in both arms; with proper batch norm "
+                 "it gets a zero gradient and stays at its initial 0.")],
       "data": {"learning_rates": rates, "table": table,
                "curves": {arm: {name: h[name].mean(axis=1).tolist()
                                 for name in ("bias_norm", "weight_norm", "train_loss",
@@ -139,7 +139,7 @@ def _plot(config, histories, plot_path: str) -> None:
   panels = (("bias_norm", "‖b‖ of the hidden layers", "log"),
             ("weight_norm", "‖W‖ of the hidden layers", "log"),
             ("train_loss", "training loss", "log"), ("test_accuracy", "test accuracy", "linear"))
-  for ax, (name, label, scale) in zip(axes.flat, panels):
+  for ax, (name, label, scale) in zip(axes.flat, panels, strict=True):
     for arm, history in histories.items():
       for i, rate in enumerate(config.learning_rates):
         curves = history[name][i]

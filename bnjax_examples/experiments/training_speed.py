@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
   best_accuracy = max(np.mean(a["final_accuracy"], axis=1).max() for a in arms.values())
   for a in arms.values():
     good = np.mean(a["final_accuracy"], axis=1) >= best_accuracy - 0.01
-    a["rates_within_one_point"] = [r for r, g in zip(rates, good) if g]
+    a["rates_within_one_point"] = [r for r, g in zip(rates, good, strict=True) if g]
   bn, plain = arms["batch norm"], arms["no norm"]
   bn_steps, plain_steps = bn["best_steps"]["mean"], plain["best_steps"]["mean"]
   speedup = plain_steps / bn_steps if math.isfinite(bn_steps) else math.nan
@@ -99,9 +99,9 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
       "claim_number": 1,
       "claim": "Batch norm trains faster and tolerates a much wider range of learning rates.",
       "source": "Ioffe & Szegedy 2015, §4.1 (MNIST, Fig. 1) and §4.2",
-      "published": "BN-x5 reaches Inception's accuracy in 14x fewer steps (ImageNet); x5 and x30 "
-                   "the learning rate still train with BN; on MNIST, BN reaches higher accuracy "
-                   "sooner (Fig. 1(a))",
+      "published": ("BN-x5 reaches Inception's accuracy in 14x fewer steps (ImageNet); x5 and x30 "
+                    "the learning rate still train with BN; on MNIST, BN reaches higher accuracy "
+                    "sooner (Fig. 1(a))"),
       "criterion": (f"confirmed if, at each arm's fastest learning rate, BN reaches "
                     f"{100 * threshold:.0f} % test accuracy in ≥ 3x fewer steps than without BN "
                     "(mean over seeds) and more grid learning rates end within 1 point of the best "
@@ -109,8 +109,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
       "measured": measured,
       "verdict": verdict,
       "seeds": list(config.seeds),
-      "notes": ["Digits (1,437 training images) stands in for MNIST; plain SGD without momentum "
-                "or decay, as in the paper's MNIST experiment."],
+      "notes": [("Digits (1,437 training images) stands in for MNIST; plain SGD without momentum "
+                 "or decay, as in the paper's MNIST experiment.")],
       "data": {"learning_rates": rates, "speedup": speedup, "arms": arms,
                "best_final_accuracy": float(best_accuracy)},
   }
@@ -137,7 +137,7 @@ def _plot(config, histories, arms, plot_path: str) -> None:
   ax.set(xscale="log", xlabel="learning rate", ylabel="final test accuracy (%)", ylim=(0, 100),
          title="Final accuracy over the learning-rate grid")
   rate_index = arms["no norm"]["best_rate_index"]
-  for ax, (arm, history) in zip(axes[1], histories.items()):
+  for ax, (arm, history) in zip(axes[1], histories.items(), strict=True):
     percentiles = history["percentiles"][rate_index, 0]  # The first seed.
     for k, name in enumerate(("15th", "50th", "85th")):
       ax.plot(steps, percentiles[:, k], label=f"{name} percentile")

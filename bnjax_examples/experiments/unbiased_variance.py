@@ -1,4 +1,4 @@
-r"""Claim 9: at inference, batch norm should use the unbiased variance :math:`\frac{m}{m-1}\sigma^2_B`.
+r"""Claim 9: at inference, batch norm should use the unbiased variance ``m / (m - 1) * var``.
 
 The biased variance of a batch of ``m`` values underestimates the population's by a factor
 ``(m - 1) / m`` on average, so a running average of biased batch variances makes a normalised unit
@@ -48,8 +48,8 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np
   model = harness.MLP(hidden=tuple(config.hidden), activation="relu", placement="before")
   train_norm = _norm(config.momentum, "biased")
 
-  def capture(kind: str, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-    """Logits in evaluation mode with `kind` statistics, and the input of every norm layer."""
+  def capture(kind: str) -> tuple[harness.Norm, list[jax.Array]]:
+    """A norm evaluating with `kind` statistics, and the list it records each layer's input in."""
     inputs = []
     def norm(params, state, h, train):
       inputs.append(h)
@@ -65,14 +65,14 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np
     # layers below already normalised by their own precise statistics.
     states = [dict(s) for s in states]
     for layer in range(len(states)):
-      norm, inputs = capture("precise", data.train_x)
+      norm, inputs = capture("precise")
       model.apply(params, states, data.train_x, False, norm)
       h = inputs[layer]
       states[layer]["precise"] = bnjax.BatchNormState(mean=jnp.mean(h, axis=0),
                                                       var=jnp.var(h, axis=0))
     out = {}
     for kind in KINDS:
-      norm, inputs = capture(kind, data.test_x)
+      norm, inputs = capture(kind)
       logits, _, _ = model.apply(params, states, data.test_x, False, norm)
       first = states[0][kind]
       x_hat = (inputs[0] - first.mean) / jnp.sqrt(first.var + 1e-5)

@@ -1,4 +1,5 @@
-r"""python -m bnjax_examples.experiments --config=configs/experiments/bias_gradient.py --workdir=workdir/experiments/bias_gradient
+r"""python -m bnjax_examples.experiments --config=configs/experiments/bias_gradient.py \
+    --workdir=workdir/experiments/bias_gradient
 
 Claim 3: a bias before batch norm gets zero gradient in training mode (float32 and float64, with a
 mask, over 8 simulated devices), not in evaluation mode. ``:smoke`` runs one seed on a small batch.

@@ -1,4 +1,5 @@
-r"""python -m bnjax_examples.experiments --config=configs/experiments/relu_order.py --workdir=workdir/experiments/relu_order
+r"""python -m bnjax_examples.experiments --config=configs/experiments/relu_order.py \
+    --workdir=workdir/experiments/relu_order
 
 Claim 5: batch norm before vs after the ReLU (and none), 5 seeds, and the post-ReLU mean and std
 the next layer sees against 0.399 and 0.584. ``:smoke`` runs a tiny network for a few steps.

@@ -1,4 +1,5 @@
-r"""python -m bnjax_examples.experiments --config=configs/experiments/stop_gradient.py --workdir=workdir/experiments/stop_gradient
+r"""python -m bnjax_examples.experiments --config=configs/experiments/stop_gradient.py \
+    --workdir=workdir/experiments/stop_gradient
 
 Claim 4: normalising outside the gradient (stop_gradient on the batch mean and variance) makes the
 parameters blow up: ‖b‖, ‖W‖, loss and accuracy over training at two learning rates. ``:smoke``

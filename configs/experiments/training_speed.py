@@ -1,4 +1,5 @@
-r"""python -m bnjax_examples.experiments --config=configs/experiments/training_speed.py --workdir=workdir/experiments/training_speed
+r"""python -m bnjax_examples.experiments --config=configs/experiments/training_speed.py \
+    --workdir=workdir/experiments/training_speed
 
 Claim 1: batch norm trains faster and tolerates a wider range of learning rates: the paper's
 sigmoid MLP (3 x 100, batch 60) on the digits, with and without batch norm, learning rates 0.03 to

@@ -1,4 +1,5 @@
-r"""python -m bnjax_examples.experiments --config=configs/experiments/unbiased_variance.py --workdir=workdir/experiments/unbiased_variance
+r"""python -m bnjax_examples.experiments --config=configs/experiments/unbiased_variance.py \
+    --workdir=workdir/experiments/unbiased_variance
 
 Claim 9: with the biased variance at inference a normalised unit has test-time std sqrt(m/(m-1)):
 a ReLU MLP with batch norm trained at batch m = 2 ... 256, biased, unbiased and precise statistics.
