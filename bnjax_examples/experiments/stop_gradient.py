@@ -118,8 +118,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
       "published": "'b will grow indefinitely while the loss remains fixed' (no number)",
       "criterion": (f"confirmed if, at every learning rate, ‖b‖ or ‖W‖ of the hidden layers grows "
                     f"by ≥ {growth}x over the second half of training with stop_gradient (mean "
-                    f"over seeds), and by < {growth}x with proper batch norm (norms compared above a "
-                    f"floor of {NORM_FLOOR:g}, below which a parameter counts as zero)"),
+                    f"over seeds), and by < {growth}x with proper batch norm (norms compared "
+                    f"above a floor of {NORM_FLOOR:g}, below which a parameter counts as zero)"),
       "measured": "; ".join(pieces),
       "verdict": verdict,
       "seeds": list(config.seeds),
