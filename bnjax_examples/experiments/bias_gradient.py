@@ -29,7 +29,7 @@ CASES = ("plain", "masked", f"{DEVICES} devices")
 def _network(train: bool, custom_vjp: bool, axis_name: Any = None):
   """``loss(w, b, beta, v, x, labels, weights)`` of ``softmax(relu(BN(xW + b)) V)``."""
   def loss(w, b, beta, v, x, labels, weights):
-    h = x @ w + b
+    h = x @ w + b[None]
     params = bnjax.BatchNormParams(scale=jnp.ones_like(beta), bias=beta)
     # Running statistics of a partly trained layer: evaluation mode normalises with constants.
     state = bnjax.BatchNormState(mean=jnp.full(beta.shape, 0.1, jnp.float32),

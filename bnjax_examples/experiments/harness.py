@@ -41,7 +41,7 @@ class Data(NamedTuple):
 
 @functools.cache
 def digits(train_examples: int = 0) -> Data:
-  """The fixed split of scikit-learn's digits (1,437 train, 360 test), standardised, flattened.
+  """The fixed split of scikit-learn's digits (1,438 train, 359 test), standardised, flattened.
 
   Args:
     train_examples: if > 0, keep only the first this many training examples (a harder setting).
@@ -130,7 +130,7 @@ class MLP:
     new_states, outputs, pre_activations = [], [], []
     for i in range(len(self.hidden)):
       layer = params["dense"][i]
-      x = x @ layer["w"] + layer["b"] if "b" in layer else x @ layer["w"]
+      x = x @ layer["w"] + layer["b"][None] if "b" in layer else x @ layer["w"]
       if self.placement == "before":
         x, state = norm(params["norm"][i], states[i], x, train)
         new_states.append(state)
@@ -141,7 +141,7 @@ class MLP:
         new_states.append(state)
       outputs.append(x)
     last = params["dense"][-1]
-    return x @ last["w"] + last["b"], new_states, outputs + pre_activations
+    return x @ last["w"] + last["b"][None], new_states, outputs + pre_activations
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

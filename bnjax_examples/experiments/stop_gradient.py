@@ -30,7 +30,7 @@ def stop_gradient_norm(momentum: float) -> harness.Norm:
       return bnjax.batch_norm(params, state, x, False)
     mean = lax.stop_gradient(jnp.mean(x, axis=0))
     var = lax.stop_gradient(jnp.var(x, axis=0))
-    y = params.scale * (x - mean) * lax.rsqrt(var + 1e-5) + params.bias
+    y = params.scale[None] * (x - mean[None]) * lax.rsqrt(var + 1e-5)[None] + params.bias[None]
     count = jnp.asarray(x.shape[0], jnp.int32)
     new_state, _ = bnjax.update_running_stats(state, mean, var, count, momentum, unbiased=False)
     return y, new_state

@@ -75,7 +75,7 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np
       norm, inputs = capture(kind)
       logits, _, _ = model.apply(params, states, data.test_x, False, norm)
       first = states[0][kind]
-      x_hat = (inputs[0] - first.mean) / jnp.sqrt(first.var + 1e-5)
+      x_hat = (inputs[0] - first.mean[None]) / jnp.sqrt(first.var + 1e-5)[None]
       out[f"{kind}_std"] = jnp.mean(jnp.std(x_hat, axis=0))
       out[f"{kind}_accuracy"] = harness.accuracy(logits, data.test_y)
       out[f"{kind}_var"] = first.var

@@ -19,7 +19,8 @@ from bnjax_examples.experiments import stop_gradient
 def test_every_epoch_visits_each_example_once_in_a_seeded_order():
   key = jax.random.key(3)
   rows = jnp.concatenate([harness.batch_indices(key, jnp.asarray(s), 10, 3) for s in range(3)])
-  assert sorted(rows.tolist()) == list(range(9))  # 3 batches of 3 from 10: one dropped.
+  assert len(set(rows.tolist())) == 9  # 3 batches of 3 from 10: no repeat, one left out.
+  assert set(rows.tolist()) <= set(range(10))
   next_epoch = jnp.concatenate([harness.batch_indices(key, jnp.asarray(s), 10, 3)
                                 for s in range(3, 6)])
   assert rows.tolist() != next_epoch.tolist()
@@ -29,14 +30,14 @@ def test_every_epoch_visits_each_example_once_in_a_seeded_order():
 
 def test_digits_split_is_fixed_and_standardised():
   data = harness.digits()
-  assert data.train_x.shape == (1437, 64)
-  assert data.test_x.shape == (360, 64)
+  assert data.train_x.shape == (1438, 64)
+  assert data.test_x.shape == (359, 64)
   assert data.train_x.dtype == jnp.float32
   assert data.train_y.dtype == jnp.int32
   from sklearn import datasets
   raw = datasets.load_digits()
   order = np.random.default_rng(harness.SPLIT_SEED).permutation(len(raw.target))
-  np.testing.assert_array_equal(np.asarray(data.test_y), raw.target[order[:360]])
+  np.testing.assert_array_equal(np.asarray(data.test_y), raw.target[order[:359]])
   assert abs(float(jnp.mean(data.train_x))) < 1e-3  # One channel, standardised on train.
 
 
@@ -64,7 +65,10 @@ def test_mlp_placements_order_the_layers():
     layer_input = taps[0]  # What the second dense layer sees.
     if placement == "after":  # Normalised: zero mean, unit variance per unit (batch statistics).
       np.testing.assert_allclose(jnp.mean(layer_input, axis=0), 0, atol=1e-5)
-      np.testing.assert_allclose(jnp.var(layer_input, axis=0), 1, atol=1e-3)
+      variance = np.asarray(jnp.var(layer_input, axis=0))
+      dead = variance < 1e-6  # A ReLU unit that is zero on the whole batch stays zero.
+      assert dead.sum() < len(variance) / 2
+      np.testing.assert_allclose(variance[~dead], 1, atol=1e-3)
     else:  # A ReLU output.
       assert float(jnp.min(layer_input)) >= 0
   with pytest.raises(ValueError, match="placement"):
@@ -83,7 +87,7 @@ def test_stop_gradient_norm_has_batch_norms_forward_but_not_its_gradient():
   weights = jax.random.normal(jax.random.key(1), (16, 4))
   bias = jnp.zeros(4)
   def loss(norm, b):
-    return jnp.sum(norm(params, state, x + b, True)[0] ** 3 * weights)
+    return jnp.sum(norm(params, state, x + b[None], True)[0] ** 3 * weights)
   grad_proper = jax.jit(jax.grad(lambda b: loss(proper, b)))(bias)
   grad_broken = jax.jit(jax.grad(lambda b: loss(broken, b)))(bias)
   assert float(jnp.max(jnp.abs(grad_proper))) < 1e-4  # The mean subtraction cancels b.
@@ -119,7 +123,7 @@ def test_findings_renders_every_result_with_the_criterion_before_the_number(tmp_
   for number in findings.NOT_DONE:  # Claims without a result are listed as not measured.
     assert f"\n- {number}. " in text
   assert "do not edit by hand" in text
-  assert "loaded" in text
+  assert "under load" in text
 
 
 def test_findings_refuses_a_result_without_a_field(tmp_path):
