@@ -52,7 +52,7 @@ def _network(train: bool, custom_vjp: bool, axis_name: Any = None):
 
 
 def _gradients(case: str, train: bool, custom_vjp: bool, dtype: Any, key: jax.Array,
-               batch_size: int, width: int) -> tuple[float, float]:
+               batch_size: int, width: int, fast_compile: bool) -> tuple[float, float]:
   """``(max|dL/db|, max|dL/dβ|)`` for one case on one random batch and initialisation."""
   data = harness.digits()
   k_rows, k_w, k_v, k_mask = jax.random.split(key, 4)
@@ -65,12 +65,13 @@ def _gradients(case: str, train: bool, custom_vjp: bool, dtype: Any, key: jax.Ar
   weights = jnp.ones((batch_size,), dtype)
   if case == "masked":  # A quarter of the rows are padding: outside the statistics and the loss.
     weights = (jax.random.uniform(k_mask, (batch_size,)) > 0.25).astype(dtype)
-  grad_b, grad_beta = _gradient_fn(case, train, custom_vjp)(w, b, beta, v, x, labels, weights)
+  gradient_fn = _gradient_fn(case, train, custom_vjp, fast_compile)
+  grad_b, grad_beta = gradient_fn(w, b, beta, v, x, labels, weights)
   return float(jnp.max(jnp.abs(grad_b))), float(jnp.max(jnp.abs(grad_beta)))
 
 
 @functools.cache
-def _gradient_fn(case: str, train: bool, custom_vjp: bool):
+def _gradient_fn(case: str, train: bool, custom_vjp: bool, fast_compile: bool):
   """The jitted ``(dL/db, dL/dβ)`` of one case, compiled once for every seed (per dtype)."""
   if case == f"{DEVICES} devices":
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:DEVICES]), ("batch",))
@@ -79,7 +80,7 @@ def _gradient_fn(case: str, train: bool, custom_vjp: bool):
                          in_specs=(replicated,) * 4 + (spec,) * 3, out_specs=replicated)
   else:
     loss = _network(train, custom_vjp)
-  return jax.jit(jax.grad(loss, argnums=(1, 2)))
+  return harness.jit(jax.grad(loss, argnums=(1, 2)), fast_compile)
 
 
 def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
             ratios = []
             for seed in config.seeds:
               grad_b, grad_beta = _gradients(case, train, custom_vjp, dtype,
-                                             jax.random.key(seed), config.batch_size, config.width)
+                                             jax.random.key(seed), config.batch_size, config.width,
+                                             config.fast_compile)
               ratios.append(grad_b / grad_beta)
             rows.append({"dtype": dtype_name, "backward": backward, "mode": mode, "case": case,
                          "ratio_max": max(ratios), "ratio_per_seed": ratios,

@@ -18,12 +18,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.width = 32
   config.dtypes = ("float32", "float64")
   config.backwards = 2  # 1: bnjax's closed-form backward pass only; 2: also JAX's autodiff.
+  config.fast_compile = False  # True: compile without LLVM optimisation (see `harness.jit`).
   if arg == "smoke":
     config.seeds = (0,)
     config.batch_size = 16
     config.width = 8
     config.dtypes = ("float32",)
     config.backwards = 1
+    config.fast_compile = True
   elif arg:
     raise ValueError(f"Unknown config option {arg!r}; the only one is 'smoke'.")
   return config
