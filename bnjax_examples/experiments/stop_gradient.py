@@ -89,7 +89,11 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
         curves = history[name][i]  # [seeds, evals]
         row[f"{name}_final"] = harness.mean_and_spread(curves[:, -1])
         row[f"{name}_growth"] = harness.mean_and_spread([_growth(c) for c in curves])
-      row["train_loss_final"] = harness.mean_and_spread(history["train_loss"][i][:, -1])
+      losses = history["train_loss"][i]
+      row["train_loss_final"] = harness.mean_and_spread(losses[:, -1])
+      # Below 1: the loss still fell over the second half (it is not "fixed").
+      row["train_loss_change"] = harness.mean_and_spread(
+          losses[:, -1] / losses[:, losses.shape[1] // 2 - 1])
       row["test_accuracy_final"] = harness.mean_and_spread(history["test_accuracy"][i][:, -1])
       table[arm][str(rate)] = row
   growth = config.growth
@@ -108,6 +112,7 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
           f"{arm} at learning rate {r:g}: ‖b‖ {row['bias_norm_final']['mean']:.3g} (x"
           f"{row['bias_norm_growth']['mean']:.2f} over the second half), ‖W‖ "
           f"{row['weight_norm_final']['mean']:.3g} (x{row['weight_norm_growth']['mean']:.2f}), "
+          f"training loss x{row['train_loss_change']['mean']:.2f} over the second half, "
           f"test accuracy {100 * row['test_accuracy_final']['mean']:.1f} %")
   _plot(config, histories, plot_path)
   return {
