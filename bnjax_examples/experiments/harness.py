@@ -144,6 +144,85 @@ class MLP:
     return x @ last["w"] + last["b"][None], new_states, outputs + pre_activations
 
 
+@dataclasses.dataclass(frozen=True)
+class CNN:
+  """A small convolutional network on the 8x8 digits, with the same interface as `MLP`.
+
+  ``[conv 3x3 -> (norm) -> relu -> (norm) -> avg-pool 2x2] * len(features) -> dense``; the flat
+  64-pixel input is reshaped to ``[N, 8, 8, 1]``. Batch norm reduces over ``N, H, W`` (``m = N·H·W``
+  values per channel).
+
+  Attributes:
+    features: channels of each convolution stage.
+    placement: ``'before'``, ``'after'`` or ``'none'``, as in `MLP`.
+    num_classes: the number of logits.
+  """
+
+  features: Sequence[int] = (16, 32)
+  placement: str = "before"
+  num_classes: int = 10
+  image_shape: tuple[int, int, int] = (8, 8, 1)
+
+  def __post_init__(self):
+    """Checks the placement."""
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f"CNN: `placement` must be one of {PLACEMENTS}; got {self.placement!r}.")
+
+  def init(self, key: jax.Array, in_features: int, norm_state: Callable[[int], Any] | None = None
+           ) -> tuple[dict[str, Any], list[Any]]:
+    """Returns ``(params, states)`` as `MLP.init` does (`in_features` must be H·W·C)."""
+    height, width, channels = self.image_shape
+    if in_features != height * width * channels:
+      raise ValueError(f"CNN: expected {height * width * channels} input features "
+                       f"({self.image_shape}), got {in_features}.")
+    keys = jax.random.split(key, len(self.features) + 1)
+    convs, norms, states = [], [], []
+    for k, out_channels in zip(keys[:-1], self.features, strict=False):
+      fan_in = 9 * channels
+      layer = {"w": jax.random.normal(k, (3, 3, channels, out_channels))
+                    / np.sqrt(fan_in).astype(np.float32)}
+      if self.placement != "before":
+        layer["b"] = jnp.zeros((out_channels,))
+      convs.append(layer)
+      if self.placement != "none":
+        norm_params, state = bnjax.init(out_channels)
+        norms.append(norm_params)
+        states.append(state if norm_state is None else norm_state(out_channels))
+      channels = out_channels
+      height, width = (height + 1) // 2, (width + 1) // 2
+    fan_in = height * width * channels
+    dense = {"w": jax.random.normal(keys[-1], (fan_in, self.num_classes))
+                  / np.sqrt(fan_in).astype(np.float32), "b": jnp.zeros((self.num_classes,))}
+    return {"conv": convs, "norm": norms, "dense": dense}, states
+
+  def apply(self, params: Mapping[str, Any], states: Sequence[Any], x: jax.Array, train: bool,
+            norm: Norm) -> tuple[jax.Array, list[Any], list[jax.Array]]:
+    """Returns ``(logits, new_states, taps)`` as `MLP.apply` does (taps are [N, H, W, C])."""
+    x = x.reshape((x.shape[0], *self.image_shape))
+    new_states, outputs, pre_activations = [], [], []
+    for i, layer in enumerate(params["conv"]):
+      x = lax.conv_general_dilated(x, layer["w"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if "b" in layer:
+        x = x + layer["b"][None, None, None]
+      if self.placement == "before":
+        x, state = norm(params["norm"][i], states[i], x, train)
+        new_states.append(state)
+      pre_activations.append(x)
+      x = jax.nn.relu(x)
+      if self.placement == "after":
+        x, state = norm(params["norm"][i], states[i], x, train)
+        new_states.append(state)
+      outputs.append(x)
+      n, h, w, c = x.shape
+      if h % 2 or w % 2:
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+      x = jnp.mean(x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, c), axis=(2, 4))
+    x = x.reshape((x.shape[0], -1))
+    dense = params["dense"]
+    return x @ dense["w"] + dense["b"][None], new_states, outputs + pre_activations
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy."""
   log_p = jax.nn.log_softmax(logits)

@@ -1,8 +1,9 @@
 r"""python -m bnjax_examples.experiments --config=configs/experiments/relu_order.py \
     --workdir=workdir/experiments/relu_order
 
-Claim 5: batch norm before vs after the ReLU (and none), 5 seeds, and the post-ReLU mean and std
-the next layer sees against 0.399 and 0.584. ``:smoke`` runs a tiny network for a few steps.
+Claim 5: batch norm before vs after the ReLU (and none), MLP and a small CNN, 5 seeds, and the
+post-ReLU mean and std the next layer sees against 0.399 and 0.584. ``:smoke`` runs tiny networks
+for a few steps.
 """
 
 import ml_collections
@@ -14,7 +15,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.experiment = "relu_order"
   config.smoke = arg == "smoke"
   config.seeds = (0, 1, 2, 3, 4)
+  config.models = ("mlp", "cnn")
   config.hidden = (100, 100, 100)
+  config.cnn_features = (8, 16)
   config.batch_size = 64
   config.learning_rate = 0.1
   config.num_steps = 2000
@@ -24,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     config.seeds = (0, 1)
     config.hidden = (16,)
+    config.cnn_features = (4,)
     config.num_steps = 40
     config.eval_every = 20
     config.fast_compile = True

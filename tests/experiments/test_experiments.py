@@ -68,12 +68,14 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
     assert all(row["bias_norm_final"]["mean"] < 1e-4 for row in rows)  # Zero gradient.
     rows = data["table"]["stop_gradient"].values()
     assert all(row["bias_norm_final"]["mean"] > 1e-3 for row in rows)
+    assert all("train_loss_change" in row for row in rows)
   elif name == "relu_order":
-    summary = data["summary"]
-    assert set(summary) == {"before", "after", "none"}
-    # After the norm, the next layer's inputs have zero mean and unit std in training mode.
-    np.testing.assert_allclose(summary["after"]["initial_mean"]["mean"], 0, atol=1e-4)
-    np.testing.assert_allclose(summary["after"]["initial_std"]["mean"], 1, atol=1e-3)
+    assert set(data["summary"]) == {"mlp", "cnn"}
+    for summary in data["summary"].values():
+      assert {"before", "after", "none", "difference", "standard_error"} == set(summary)
+      # After the norm, the next layer's inputs have zero mean and unit std in training mode.
+      np.testing.assert_allclose(summary["after"]["initial_mean"]["mean"], 0, atol=1e-4)
+      np.testing.assert_allclose(summary["after"]["initial_std"]["mean"], 1, atol=1e-3)
     assert math.isclose(data["gaussian_mean"], 0.3989, abs_tol=1e-4)
     assert math.isclose(data["gaussian_std"], 0.5838, abs_tol=1e-4)
   elif name == "unbiased_variance":
