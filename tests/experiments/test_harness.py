@@ -51,21 +51,27 @@ def test_mean_and_spread_against_numpy():
   assert summary["n"] == 3
 
 
-def test_mlp_placements_order_the_layers():
+@pytest.mark.parametrize("network", ["mlp", "cnn"])
+def test_placements_order_the_layers(network):
   data = harness.digits()
   x = data.train_x[:32]
   for placement in harness.PLACEMENTS:
-    model = harness.MLP(hidden=(8, 8), placement=placement)
+    if network == "mlp":
+      model = harness.MLP(hidden=(8, 8), placement=placement)
+    else:
+      model = harness.CNN(features=(4, 8), placement=placement)
     params, states = model.init(jax.random.key(0), 64)
     logits, new_states, taps = model.apply(params, states, x, True, harness.bnjax_norm())
     assert logits.shape == (32, 10)
     assert len(taps) == 4
     assert len(new_states) == (0 if placement == "none" else 2)
-    assert ("b" in params["dense"][0]) == (placement != "before")
-    layer_input = taps[0]  # What the second dense layer sees.
+    layers = params["dense"] if network == "mlp" else params["conv"]
+    assert ("b" in layers[0]) == (placement != "before")
+    layer_input = taps[0]  # What the second layer sees.
+    per_unit = tuple(range(layer_input.ndim - 1))
     if placement == "after":  # Normalised: zero mean, unit variance per unit (batch statistics).
-      np.testing.assert_allclose(jnp.mean(layer_input, axis=0), 0, atol=1e-5)
-      variance = np.asarray(jnp.var(layer_input, axis=0))
+      np.testing.assert_allclose(jnp.mean(layer_input, axis=per_unit), 0, atol=1e-5)
+      variance = np.asarray(jnp.var(layer_input, axis=per_unit))
       dead = variance < 1e-6  # A ReLU unit that is zero on the whole batch stays zero.
       assert dead.sum() < len(variance) / 2
       np.testing.assert_allclose(variance[~dead], 1, atol=1e-3)
