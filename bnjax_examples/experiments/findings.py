@@ -114,7 +114,7 @@ def render(results: Sequence[Mapping[str, Any]], results_link: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
   """Reads ``--results``, writes ``--output`` (defaults: this package's results and FINDINGS.md)."""
   here = os.path.dirname(os.path.abspath(__file__))
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
   parser.add_argument("--results", default=os.path.join(here, "results"))
   parser.add_argument("--output", default=os.path.join(here, "FINDINGS.md"))
   args = parser.parse_args(argv)

@@ -243,7 +243,7 @@ def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch_size
   return lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
 
 
-def train(model: MLP, norm: Norm, data: Data, key: jax.Array, learning_rate: Any, *,
+def train(model: "MLP | CNN", norm: Norm, data: Data, key: jax.Array, learning_rate: Any, *,
           batch_size: int, num_steps: int, eval_every: int,
           evaluate: Callable[[Any, Any], Mapping[str, jax.Array]] | None = None,
           cosine_decay: bool = False, norm_state: Callable[[int], Any] | None = None,

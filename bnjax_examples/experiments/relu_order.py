@@ -64,10 +64,12 @@ def _train_placement(config: ml_collections.ConfigDict, model_name: str, placeme
 def _compare(config: ml_collections.ConfigDict, results: dict[str, dict[str, np.ndarray]]
              ) -> tuple[dict[str, Any], str, str]:
   """``(summary, verdict, measured text)`` of one model's three placements."""
-  summary = {p: {"final_test_accuracy": harness.mean_and_spread(r["test_accuracy"][:, -1]),
-                 **{k: harness.mean_and_spread(r[k])
-                    for k in ("initial_mean", "initial_std", "final_mean", "final_std")}}
-             for p, r in results.items()}
+  summary: dict[str, Any] = {}
+  for placement, r in results.items():
+    summary[placement] = {k: harness.mean_and_spread(r[k])
+                          for k in ("initial_mean", "initial_std", "final_mean", "final_std")}
+    summary[placement]["final_test_accuracy"] = harness.mean_and_spread(
+        r["test_accuracy"][:, -1])
   before = results["before"]["test_accuracy"][:, -1]
   after = results["after"]["test_accuracy"][:, -1]
   n = len(config.seeds)
