@@ -20,7 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cnn_features = (8, 16)
   config.batch_size = 64
   config.learning_rate = 0.1
-  config.num_steps = 2000
+  config.num_steps = 2000  # MLP.
+  config.cnn_num_steps = 1000
   config.eval_every = 50
   config.momentum = 0.9  # Of the running averages, used at test time.
   config.fast_compile = False  # True: compile without LLVM optimisation (see `harness.jit`).
@@ -29,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.hidden = (16,)
     config.cnn_features = (4,)
     config.num_steps = 40
+    config.cnn_num_steps = 40
     config.eval_every = 20
     config.fast_compile = True
   elif arg:
