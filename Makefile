@@ -10,7 +10,8 @@ EXTRAS := test,examples,bench
 LINT_STAMP := $(VENV)/.bnjax-lint-installed
 DOCS_STAMP := $(VENV)/.bnjax-docs-installed
 # What ruff checks; add a folder once `ruff check` passes on it. pyright checks `bnjax/`.
-RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py
+RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py \
+    bnjax_examples/experiments tests/experiments configs/experiments
 
 EXPERIMENTS := training_speed bias_gradient stop_gradient relu_order unbiased_variance
 EXPERIMENTS_DIR := bnjax_examples/experiments
