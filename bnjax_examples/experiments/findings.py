@@ -26,7 +26,8 @@ NOT_DONE = {
        "needs group norm and ghost batches.",
     10: "Batch renormalisation's fix at small batches (Ioffe 2017): needs batch renormalisation "
         "and group norm.",
-    11: "Whitening vs per-channel standardisation: needs whitening.",
+    11: ("Whitening vs per-channel standardisation: bnjax's whitening has just landed; the "
+         "experiment is not built yet."),
 }
 
 
