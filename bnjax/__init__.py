@@ -15,6 +15,7 @@ from bnjax.functional import update_running_stats as update_running_stats
 from bnjax.types import BatchNormParams as BatchNormParams
 from bnjax.types import BatchNormState as BatchNormState
 from bnjax.types import BatchStats as BatchStats
+from bnjax.types import CumulativeState as CumulativeState
 from bnjax.whitening import WhiteningState as WhiteningState
 from bnjax.whitening import WhiteningStats as WhiteningStats
 from bnjax.whitening import init_whitening as init_whitening
@@ -40,6 +41,7 @@ __all__ = [
     "BatchNormParams",
     "BatchNormState",
     "BatchStats",
+    "CumulativeState",
     "WhiteningBatchNorm",
     "WhiteningState",
     "WhiteningStats",

@@ -5,7 +5,8 @@ import bnjax
 
 def test_public_names_are_pinned():
   assert sorted(bnjax.__all__) == [
-      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "WhiteningBatchNorm",
+      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "CumulativeState",
+      "WhiteningBatchNorm",
       "WhiteningState", "WhiteningStats", "batch_norm", "from_torch_momentum", "init",
       "init_whitening", "update_running_stats", "whitening_batch_norm",
   ]
