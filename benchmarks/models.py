@@ -1,7 +1,7 @@
 """Model-level programs: training steps of real networks with each normalisation.
 
 Users run training steps, not layers, so the benchmark's headline is batch norm's cost inside a
-step. `NETWORKS` are the example's CNN and a CIFAR-style ResNet (`examples/models.py`); each is
+step. `NETWORKS` are the example's CNN and a CIFAR-style ResNet (`bnjax_examples/models.py`); each is
 built with bnjax's linen layer, Flax's, and no normalisation at all (`NORMS`), and one jitted SGD
 step of each is timed in interleaved rounds (`model_benchmark`). Batch norm's in-model cost is
 what it adds to the step without normalisation:
@@ -25,7 +25,7 @@ import numpy as np
 import bnjax
 from benchmarks import cases, hlo, programs, timing
 from benchmarks.cases import ModelCase
-from examples import models as example_models
+from bnjax_examples import models as example_models
 
 CLASSES = 10
 WIDTH = 32
@@ -51,7 +51,7 @@ class Network:
     name: its key in `NETWORKS` and in the JSON.
     description: what it is, for the report.
     build: ``norm factory or None -> linen module`` whose ``__call__(images, train)`` returns
-      logits (`examples.models` networks take the factory of `example_models.norm_factory`).
+      logits (`bnjax_examples.models` networks take the factory of `example_models.norm_factory`).
     image: the default image shape (height, width, channels).
   """
 
@@ -63,11 +63,11 @@ class Network:
 
 NETWORKS = {
     "cnn": Network(
-        "cnn", "the example's CNN (`examples.models.CNN`): conv 3×3 (32) – norm – relu – avg-pool, "
+        "cnn", "the example's CNN (`bnjax_examples.models.CNN`): conv 3×3 (32) – norm – relu – avg-pool, "
         "conv 3×3 (64) – norm – relu – avg-pool, dense 256 – norm – relu, dense 10; 3 norm layers",
         lambda norm: example_models.CNN(num_classes=CLASSES, norm=norm), (28, 28, 1)),
     "resnet": Network(
-        "resnet", "a CIFAR-style ResNet (`examples.models.ResNet`): a 3×3 conv–norm–relu stem, "
+        "resnet", "a CIFAR-style ResNet (`bnjax_examples.models.ResNet`): a 3×3 conv–norm–relu stem, "
         "three stages of two residual blocks with 32/64/128 channels (projection shortcuts with "
         "their own norm); 15 norm layers",
         lambda norm: example_models.ResNet(num_classes=CLASSES, stage_sizes=(2, 2, 2),
@@ -247,7 +247,10 @@ def in_model_ratio(times: dict[str, list[float]], subject: str, reference: str,
   rng = np.random.default_rng(0)
   picks = rng.integers(0, len(s), (resamples, len(s)))
   top, bottom = np.median(extra_s[picks], axis=1), np.median(extra_r[picks], axis=1)
-  ratios = np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.inf)
+  # A resample whose reference adds nothing has no ratio; it is left out of the spread.
+  ratios = (top / np.where(bottom > 0, bottom, 1.0))[bottom > 0]
+  if not ratios.size:
+    ratios = np.asarray([np.median(extra_s) / np.median(extra_r)])
   return {"ratio": float(np.median(extra_s) / np.median(extra_r)),
           "low": float(np.percentile(ratios, 10)), "high": float(np.percentile(ratios, 90)),
           "subject_ms": float(1e3 * np.median(extra_s)),
@@ -277,7 +280,8 @@ def model_case(case: ModelCase, *, fast: bool = False) -> dict:
   for norm, entry in info.items():
     summary.setdefault(norm, {}).update(entry)
   network = NETWORKS[case.network]
-  return {"network": case.network, "batch": case.batch, "dtype": case.dtype,
+  return {"network": case.network, "description": network.description, "batch": case.batch,
+          "dtype": case.dtype,
           "image": list(case.image or network.image), "rounds": case.rounds,
           "norm_sizes": list(sizes), "impls": summary,
           "in_model": in_model_ratio(times, "bnjax", "flax"),

@@ -2,8 +2,8 @@
 
 Reads only the JSON and the names of `names.py`, `cases.py` and `peers.py` (the row order and the
 descriptions), so `bench.py --render RESULTS.json` redraws a saved run. Each comparison of
-`peers.COMPARISONS` gets its own timing and pass tables; the targets, the allocator table, the
-stack, ResNet and devices tables are batch norm's.
+`peers.COMPARISONS` gets its own timing and pass tables; the targets, the training-step table (the
+headline), the allocator table, the stack and devices tables are batch norm's.
 """
 
 import math
@@ -105,6 +105,14 @@ def _targets(runs):
       two = devices[2]["impls"].get(name, {}).get("median_ms")
       add("sharded over 2 simulated devices ≤ 1.15× one device (bnjax layer fwd+bwd)",
           [two / one if one and two else None], 1.15)
+  for run in runs:
+    for e in run.get("models", []):
+      if e["dtype"] != "float32":
+        continue
+      ratio = e.get("in_model")
+      text, met = _fmt([ratio["ratio"] if ratio else None], 0.75)
+      rows.append((f"{e['network']} step (batch {e['batch']}): batch norm's in-model cost ≤ "
+                   "0.75× Flax's", run["allocator"], text, met))
   memory = runs[0].get("stack_memory", [])
   if memory:
     stack = memory[0]
@@ -218,27 +226,57 @@ def _stack_table(runs, lines):
     lines.append("")
 
 
-def _resnet_table(runs, lines):
-  lines.append("| allocator | normalisation | median ms | × Flax BatchNorm | × no normalisation |")
-  lines.append("|---|---|---|---|---|")
-  for run in runs:
-    resnet = run.get("resnet")
-    if not resnet:
+def _model_entries(runs):
+  """(allocator, entry) of every model-level case, in run order."""
+  return [(run["allocator"], entry) for run in runs for entry in run.get("models", [])]
+
+
+def _models_table(runs, lines):
+  """The headline: batch norm's cost inside a training step, bnjax against Flax."""
+  entries = _model_entries(runs)
+  if not entries:
+    lines += ["No training step was measured in this run.", ""]
+    return
+  lines += [
+      "Batch norm's **in-model cost** is what it adds to a training step: the step with the "
+      "norm layers minus the same step without normalisation (the convolutions then get a "
+      "bias). The ratio is bnjax's in-model cost over Flax's, both from the same interleaved "
+      "rounds (median of the per-round differences; in brackets the 10th–90th percentiles of a "
+      "bootstrap over rounds). The step ratio is the median of per-round ratios of whole steps. "
+      "Passes (kernels reading or writing a normalised layer's array), kernels and temporary "
+      "memory are read from the compiled step (`benchmarks/hlo.py`), following the cheapest "
+      "branch of every `lax.cond`.", "",
+      "| network | batch | dtype | allocator | step ms bnjax / Flax / none | step bnjax ÷ Flax "
+      "| in-model cost ms bnjax / Flax | **in-model bnjax ÷ Flax** | passes bnjax / Flax / none "
+      "| kernels bnjax / Flax / none | temp MiB bnjax / Flax |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for allocator, e in entries:
+    impls = e["impls"]
+    if any("median_ms" not in impls.get(n, {}) for n in (BNJAX, "flax", "none")):
+      lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | "
+                   "error (see Errors) | — | — | — | — | — | — |")
       continue
-    for name, entry in resnet["impls"].items():
-      if "median_ms" not in entry:
-        lines.append(f"| {run['allocator']} | {name} | error (see Errors) | — | — |")
-        continue
-      lines.append(f"| {run['allocator']} | {name} | {entry['median_ms']:.1f} | "
-                   f"{entry.get('vs_flax', float('nan')):.2f} | "
-                   f"{entry.get('vs_none', float('nan')):.2f} |")
-  if runs and runs[0].get("resnet"):
-    r = runs[0]["resnet"]
-    lines.append("")
-    lines.append(f"Batch {r['batch']} of {r['image']}×{r['image']}×3 images, a 32-channel 3×3 "
-                 f"conv-norm-relu stem and {r['blocks']} residual blocks of two (so "
-                 f"{1 + 2 * r['blocks']} conv + norm layers), mean pool, dense 10, softmax "
-                 f"cross-entropy, SGD; {r['rounds']} rounds.")
+    step = " / ".join(f"{impls[n]['median_ms']:.1f}" for n in (BNJAX, "flax", "none"))
+    ratio = e.get("in_model")
+    if ratio:
+      cost = f"{ratio['subject_ms']:.1f} / {ratio['reference_ms']:.1f}"
+      in_model = f"**{ratio['ratio']:.2f}** ({ratio['low']:.2f}–{ratio['high']:.2f})"
+    else:
+      cost, in_model = "—", "not measurable"
+    passes = " / ".join(str(impls[n].get("passes", "—")) for n in (BNJAX, "flax", "none"))
+    kernels = " / ".join(str(impls[n].get("kernels", "—")) for n in (BNJAX, "flax", "none"))
+    temp = " / ".join(f"{impls[n]['memory']['temp'] / MIB:.1f}" if "memory" in impls[n] else "—"
+                      for n in (BNJAX, "flax"))
+    lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | {step} | "
+                 f"{impls[BNJAX].get('vs_flax', math.nan):.2f} | {cost} | {in_model} | {passes} "
+                 f"| {kernels} | {temp} |")
+  lines.append("")
+  described = {}
+  for _, e in entries:
+    described.setdefault(e["network"], (e.get("description", ""), e["image"], e["rounds"]))
+  for network, (description, image, rounds) in described.items():
+    lines.append(f"- **{network}**: {description}; images {'×'.join(map(str, image))}, softmax "
+                 f"cross-entropy, SGD; {rounds} rounds at the smallest batch.")
   lines.append("")
 
 
@@ -277,7 +315,8 @@ def _devices_table(runs, lines):
       lines.append(f"Layer programs: global batch {_shape(d['shape'])} float32 sharded over the "
                    "devices, `shard_map` with `axis_name='batch'`, forward+backward with "
                    "parameter gradients summed over devices (the `all-reduce`). The ResNet step is "
-                   f"the one above with global batch {d['batch']}. Each device count runs in its "
+                   f"`benchmarks.models.resnet` (a stem and residual blocks of conv–norm–relu) "
+                   f"with global batch {d['batch']}. Each device count runs in its "
                    "own process, so these ratios are not interleaved; the simulated devices share "
                    "the machine's cores.")
       lines.append("")
@@ -297,9 +336,11 @@ def _errors(runs):
     for stack in run.get("stack_memory", []):
       for impl, error in stack.get("errors", {}).items():
         found.append((where, f"{impl}, {stack['layers']}-layer stack memory", error))
-    for impl, entry in (run.get("resnet") or {}).get("impls", {}).items():
-      if "error" in entry:
-        found.append((where, f"ResNet step with {impl}", entry["error"]))
+    for entry in run.get("models", []):
+      for impl, info in entry["impls"].items():
+        if "error" in info:
+          found.append((where, f"{entry['network']} step (batch {entry['batch']}, "
+                        f"{entry['dtype']}) with {impl}", info["error"]))
     for d in run.get("devices", []):
       if "error" in d:
         found.append((where, f"{d.get('devices')} devices", d["error"]))
@@ -412,7 +453,42 @@ def _implementations(runs):
   return lines
 
 
-def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
+def _bytes(n):
+  if n is None:
+    return "–"
+  for unit, size in (("MB", 1e6), ("KB", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} B"
+
+
+def _scaling_table(records, lines):
+  """Collective bytes, all-reduces and temporary memory against the device count."""
+  lines += ["## Cross-device cost against the device count (compile-only)", "",
+            "Compiled for D simulated devices with `jax.ShapeDtypeStruct` inputs "
+            "(`benchmarks/scaling.py`); nothing runs, so D reaches pod sizes on one CPU. One layer "
+            f"of {records[0]['channels']} channels under `shard_map`: bytes each device receives "
+            "from collectives in the forward pass (bnjax: the cheapest path / through the "
+            "re-centred second round), and the all-reduces a training step adds. The stack is "
+            "a training step of ResNet-50's 53 batch-norm layers (224x224, 2 images per device). "
+            "Plain jit: one layer without `axis_name` on a batch-sharded array.", "",
+            "| D | bnjax fwd bytes | Flax fwd bytes | bwd all-reduces bnjax / Flax "
+            "| 53-layer temp bnjax / Flax | plain jit all-reduces bnjax / Flax "
+            "| plain jit temp bnjax / Flax |", "|---|---|---|---|---|---|---|"]
+  for r in records:
+    get = r.get
+    lines.append(
+        f"| {r['devices']} | {_bytes(get('bnjax/forward_bytes'))} / "
+        f"{_bytes(get('bnjax/forward_bytes_max'))} | {_bytes(get('flax/forward_bytes'))} "
+        f"| {get('bnjax/backward_all_reduces', '–')} / {get('flax/backward_all_reduces', '–')} "
+        f"| {_bytes(get('bnjax/stack53_temp_bytes'))} / {_bytes(get('flax/stack53_temp_bytes'))} "
+        f"| {get('bnjax/plain_jit_all_reduces', '–')} / {get('flax/plain_jit_all_reduces', '–')} "
+        f"| {_bytes(get('bnjax/plain_jit_temp_bytes'))} / "
+        f"{_bytes(get('flax/plain_jit_temp_bytes'))} |")
+  lines.append("")
+
+
+def write(out, chart_path, runs, *, notes, date, revision, command, seconds, scaling=None):
   """Writes the Markdown report `out` and the chart `chart_path` for `runs` (one per allocator).
 
   Args:
@@ -421,6 +497,7 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
     runs: one worker's JSON per allocator, as `bench.py` saves them under "runs".
     notes: lines to print in bold under the machine description.
     date, revision, command, seconds: when, at which revision, how and how long the run was made.
+    scaling: `benchmarks.scaling` records, one per device count (a table when given).
   """
   lines = _header(runs, notes, date, revision, command, seconds)
   lines += ["", "## Targets", "",
@@ -431,6 +508,8 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
   for target, allocator, measured, met in _targets(runs):
     lines.append(f"| {target} | {allocator} | {measured} | {met} |")
   lines += ["", f"![bnjax and peers, time relative to Flax]({os.path.basename(chart_path)})", ""]
+  lines += ["## Training steps: batch norm's cost inside a model", ""]
+  _models_table(runs, lines)
   lines += _implementations(runs)
   lines += ["## Micro-benchmarks", ""]
   for run in runs:
@@ -448,10 +527,10 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
   stacks = runs[0].get("stack_memory") or [{"layers": STACK_LAYERS}]
   lines += [f"## Memory of a {stacks[0]['layers']}-layer stack", ""]
   _stack_table(runs, lines)
-  lines += ["## ResNet-style training step", ""]
-  _resnet_table(runs, lines)
   lines += ["## Simulated devices", ""]
   _devices_table(runs, lines)
+  if scaling:
+    _scaling_table(scaling, lines)
   errors = _errors(runs)
   if errors:
     lines += ["## Errors", "", "Programs that failed to compile (left out of the tables above):",
