@@ -46,6 +46,7 @@ import dataclasses  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--image", default=None,
                       help="H,W,C instead of the network's own image shape")
   parser.add_argument("--rounds", type=int, default=15, help="profiled steps per program")
+  parser.add_argument("--plain-rounds", type=int, default=10,
+                      help="interleaved rounds without the profiler, timed by wall and CPU clock")
   parser.add_argument("--cores", default="1",
                       help="cores to run on: a number (pinned to the last ones allowed) or 'all'")
   parser.add_argument("--layer", default=None,
@@ -140,6 +143,32 @@ def classify(kernel, norm_sizes: tuple[int, ...]) -> Classified:
 def _signature(kernel) -> str:
   """What a convolution kernel computes, independent of its name."""
   return f"{kernel.opcodes}:{kernel.read_bytes}:{kernel.write_bytes}"
+
+
+_PARTITIONS_RE = re.compile(r'"outer_dimension_partitions":\["(\d+)"')
+THREADING = ("parallel loop", "YNNPACK", "serial")
+
+
+def threading_classes(hlo_text: str, kernels: dict[str, Classified]) -> dict[str, tuple[int, int]]:
+  """Non-convolution kernels on the cheapest path by how XLA:CPU runs them: {class: (kernels,
+  bytes moved)}. "parallel loop": a loop fusion split into outer-dimension partitions that run on
+  several threads; "YNNPACK": a fusion handed to YNNPACK (XLA:CPU's reductions); "serial": every
+  other kernel, run on one thread (per-channel math, small copies)."""
+  from benchmarks import hlo  # pylint: disable=import-outside-toplevel
+  module = hlo.parse(hlo_text)
+  attributes = {inst.name: inst.attributes for computation in module.computations.values()
+                for inst in computation.instructions}
+  totals = {name: [0, 0] for name in THREADING}
+  for kernel in hlo.list_kernels(hlo_text, branches="min"):
+    if kernel.name in kernels and kernels[kernel.name].category == CONVOLUTION:
+      continue
+    text = attributes.get(kernel.name, "")
+    found = _PARTITIONS_RE.search(text)
+    kind = ("YNNPACK" if "__ynn_fusion" in text
+            else "parallel loop" if found and int(found.group(1)) > 1 else "serial")
+    totals[kind][0] += 1
+    totals[kind][1] += kernel.read_bytes + kernel.write_bytes
+  return {name: (count, moved) for name, (count, moved) in totals.items()}
 
 
 # ============================================================================ profiling
@@ -234,6 +263,29 @@ def profile(steps: dict, kernels: dict, rounds: int, log) -> dict[str, list[Roun
   return results
 
 
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def plain_rounds(steps: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
+  """`rounds` interleaved rounds without the profiler: (wall, CPU) seconds of each step.
+
+  The process's CPU time counts only the time its threads ran, so other processes on a loaded
+  machine add little to it (caches aside): on one pinned core, it is the step's own work.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  names = list(steps)
+  results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+  for r in range(rounds):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      cpu, wall = _cpu_seconds(), time.perf_counter()
+      jax.block_until_ready(steps[name].compiled(*steps[name].args))
+      results[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu))
+  return results
+
+
 # ============================================================================ summaries
 
 
@@ -287,6 +339,38 @@ def report(setup: dict, steps: dict, kernels: dict, results: dict, detail: str |
   lines += ["", "Kernels, conditionals, passes and bytes follow the cheapest path of every "
             "`lax.cond` (the one N(0, 1) data takes); a pass is a kernel that reads or writes an "
             "array of a normalised layer's size.", ""]
+
+  lines += ["## How XLA:CPU runs the kernels outside convolutions", "",
+            "From the compiled HLO, cheapest path: count and MiB moved.", "",
+            "| program | " + " | ".join(THREADING) + " |", "|---|" + "---|" * len(THREADING)]
+  for n in names:
+    classes = threading_classes(steps[n].compiled.as_text(), kernels[n])
+    lines.append(f"| {n} | " + " | ".join(f"{classes[t][0]} ({classes[t][1] / 2**20:.0f} MiB)"
+                                          for t in THREADING) + " |")
+  lines.append("")
+
+  plain = setup.get("plain")
+  if plain:
+    floor_name = models.NO_NORM if models.NO_NORM in names else None
+    lines += ["## Step time without the profiler", "",
+              f"{len(plain[names[0]])} interleaved rounds after the profiled ones; wall clock and "
+              "the process's CPU time (what its threads ran: robust to other processes' load, "
+              "on one pinned core the step's own work). Medians, ms.", "",
+              "| program | wall | CPU | in-model cost ÷ Flax's, wall | in-model cost ÷ Flax's, CPU |",
+              "|---|---|---|---|---|"]
+    for n in names:
+      cells = []
+      for index in (0, 1):
+        if floor_name and n not in (floor_name, "flax") and "flax" in names:
+          own = [a[index] - b[index] for a, b in zip(plain[n], plain[floor_name])]
+          ref = [a[index] - b[index] for a, b in zip(plain["flax"], plain[floor_name])]
+          cells.append(_ratio(statistics.median(own), statistics.median(ref)))
+        else:
+          cells.append("")
+      lines.append(f"| {n} | {1e3 * statistics.median(w for w, _ in plain[n]):.1f} | "
+                   f"{1e3 * statistics.median(c for _, c in plain[n]):.1f} | {cells[0]} | "
+                   f"{cells[1]} |")
+    lines.append("")
 
   convolutions = {n: sorted(_signature(c.kernel) for c in kernels[n].values()
                             if c.category == CONVOLUTION) for n in names}
@@ -403,11 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     listed = hlo.list_kernels(steps[norm].compiled.as_text(), branches="all")
     kernels[norm] = {k.name: classify(k, steps[norm].norm_sizes) for k in listed}
   results = profile(steps, kernels, args.rounds, log)
+  plain = plain_rounds(steps, args.plain_rounds) if args.plain_rounds else None
   setup = {"network": args.network, "description": network.description, "batch": args.batch,
            "image": "×".join(map(str, image or network.image)), "dtype": args.dtype,
            "rounds": args.rounds, "cores": cores, "jax": jax.__version__,
            "load_before": load_before, "load_after": os.getloadavg()[0],
-           "cpus": len(os.sched_getaffinity(0)) if args.cores == "all" else os.cpu_count()}
+           "cpus": len(os.sched_getaffinity(0)) if args.cores == "all" else os.cpu_count(),
+           "plain": plain}
   text = report(setup, steps, kernels, results, args.layer)
   print(text)
   if args.out:

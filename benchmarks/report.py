@@ -242,19 +242,22 @@ def _models_table(runs, lines):
       "norm layers minus the same step without normalisation (the convolutions then get a "
       "bias). The ratio is bnjax's in-model cost over Flax's, both from the same interleaved "
       "rounds (median of the per-round differences; in brackets the 10th–90th percentiles of a "
-      "bootstrap over rounds). The step ratio is the median of per-round ratios of whole steps. "
+      "bootstrap over rounds). The same ratio by the process's CPU time (what its threads ran, "
+      "little affected by other processes' load) tells work from waiting: a wall ratio above "
+      "the CPU ratio means a step that keeps fewer threads busy. The step ratio is the median "
+      "of per-round ratios of whole steps. "
       "Passes (kernels reading or writing a normalised layer's array), kernels and temporary "
       "memory are read from the compiled step (`benchmarks/hlo.py`), following the cheapest "
       "branch of every `lax.cond`.", "",
       "| network | batch | dtype | allocator | step ms bnjax / Flax / none | step bnjax ÷ Flax "
-      "| in-model cost ms bnjax / Flax | **in-model bnjax ÷ Flax** | passes bnjax / Flax / none "
-      "| kernels bnjax / Flax / none | temp MiB bnjax / Flax |",
-      "|---|---|---|---|---|---|---|---|---|---|---|"]
+      "| in-model cost ms bnjax / Flax | **in-model bnjax ÷ Flax** | in-model ÷ Flax, CPU time "
+      "| passes bnjax / Flax / none | kernels bnjax / Flax / none | temp MiB bnjax / Flax |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for allocator, e in entries:
     impls = e["impls"]
     if any("median_ms" not in impls.get(n, {}) for n in (BNJAX, "flax", "none")):
       lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | "
-                   "error (see Errors) | — | — | — | — | — | — |")
+                   "error (see Errors) | — | — | — | — | — | — | — |")
       continue
     step = " / ".join(f"{impls[n]['median_ms']:.1f}" for n in (BNJAX, "flax", "none"))
     ratio = e.get("in_model")
@@ -263,12 +266,16 @@ def _models_table(runs, lines):
       in_model = f"**{ratio['ratio']:.2f}** ({ratio['low']:.2f}–{ratio['high']:.2f})"
     else:
       cost, in_model = "—", "not measurable"
+    cpu = e.get("in_model_cpu")
+    in_model_cpu = (f"{cpu['ratio']:.2f} ({cpu['low']:.2f}–{cpu['high']:.2f})" if cpu
+                    else "not measurable")
     passes = " / ".join(str(impls[n].get("passes", "—")) for n in (BNJAX, "flax", "none"))
     kernels = " / ".join(str(impls[n].get("kernels", "—")) for n in (BNJAX, "flax", "none"))
     temp = " / ".join(f"{impls[n]['memory']['temp'] / MIB:.1f}" if "memory" in impls[n] else "—"
                       for n in (BNJAX, "flax"))
     lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | {step} | "
-                 f"{impls[BNJAX].get('vs_flax', math.nan):.2f} | {cost} | {in_model} | {passes} "
+                 f"{impls[BNJAX].get('vs_flax', math.nan):.2f} | {cost} | {in_model} | "
+                 f"{in_model_cpu} | {passes} "
                  f"| {kernels} | {temp} |")
   lines.append("")
   described = {}
