@@ -17,6 +17,9 @@ flax.linen.BatchNorm        3 passes (3 R, 1 W)      9 passes (11 R, 4 W)
 
 Collectives per layer under `shard_map` (forward, backward): Flax default 1 and 1 (`all-reduce`),
 Flax exact variance 2 and 2.
+
+Inside a model, the budgets of `MODEL_STEP_BUDGET` bound what batch norm adds to a whole training
+step (the example's CNN) over the same step without normalisation, against what Flax's adds.
 """
 
 import doctest
@@ -78,7 +81,7 @@ class StepBudget(NamedTuple):
 # the same input: 48 passes, 92 kernels; the step without normalisation: 28 passes, 54 kernels.
 MODEL_STEP = ("cnn", 16, (16, 16, 3))
 MODEL_STEP_BUDGET = StepBudget(passes=39, kernels=109, conditionals_per_layer=2,
-                               added_bytes_vs_flax=0.6, added_temp_vs_flax=0.25)
+                               added_bytes_vs_flax=0.55, added_temp_vs_flax=0.25)
 
 SHAPE = (64, 8, 8, 32)
 CHANNELS = SHAPE[-1]
