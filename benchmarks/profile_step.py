@@ -341,7 +341,9 @@ def report(setup: dict, steps: dict, kernels: dict, results: dict, detail: str |
             "array of a normalised layer's size.", ""]
 
   lines += ["## How XLA:CPU runs the kernels outside convolutions", "",
-            "From the compiled HLO, cheapest path: count and MiB moved.", "",
+            "From the compiled HLO, cheapest path: count and MiB moved. XLA:CPU partitions loops "
+            "for the threads of the process that compiles them: pinned to one core, every loop "
+            "is serial.", "",
             "| program | " + " | ".join(THREADING) + " |", "|---|" + "---|" * len(THREADING)]
   for n in names:
     classes = threading_classes(steps[n].compiled.as_text(), kernels[n])
