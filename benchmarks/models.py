@@ -1,8 +1,8 @@
 """Model-level programs: training steps of real networks with each normalisation.
 
 Users run training steps, not layers, so the benchmark's headline is batch norm's cost inside a
-step. `NETWORKS` are the example's CNN and a CIFAR-style ResNet (`bnjax_examples/models.py`); each is
-built with bnjax's linen layer, Flax's, and no normalisation at all (`NORMS`), and one jitted SGD
+step. `NETWORKS` are the example's CNN and a CIFAR-style ResNet (`bnjax_examples/models.py`);
+each is built with bnjax's linen layer, Flax's, and no normalisation at all, and one jitted SGD
 step of each is timed in interleaved rounds (`model_benchmark`). Batch norm's in-model cost is
 what it adds to the step without normalisation:
 
@@ -65,13 +65,14 @@ class Network:
 
 NETWORKS = {
     "cnn": Network(
-        "cnn", "the example's CNN (`bnjax_examples.models.CNN`): conv 3×3 (32) – norm – relu – avg-pool, "
-        "conv 3×3 (64) – norm – relu – avg-pool, dense 256 – norm – relu, dense 10; 3 norm layers",
+        "cnn", "the example's CNN (`bnjax_examples.models.CNN`): conv 3×3 (32) – norm – relu – "
+        "avg-pool, conv 3×3 (64) – norm – relu – avg-pool, dense 256 – norm – relu, dense 10; "
+        "3 norm layers",
         lambda norm: example_models.CNN(num_classes=CLASSES, norm=norm), (28, 28, 1)),
     "resnet": Network(
-        "resnet", "a CIFAR-style ResNet (`bnjax_examples.models.ResNet`): a 3×3 conv–norm–relu stem, "
-        "three stages of two residual blocks with 32/64/128 channels (projection shortcuts with "
-        "their own norm); 15 norm layers",
+        "resnet", "a CIFAR-style ResNet (`bnjax_examples.models.ResNet`): a 3×3 conv–norm–relu "
+        "stem, three stages of two residual blocks with 32/64/128 channels (projection shortcuts "
+        "with their own norm); 15 norm layers",
         lambda norm: example_models.ResNet(num_classes=CLASSES, stage_sizes=(2, 2, 2),
                                            num_filters=32, norm=norm), (32, 32, 3)),
 }
@@ -264,9 +265,18 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def _page_faults() -> int:
+  """Minor page faults of this process so far: first touches of memory the allocator mapped."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def step_rounds(runs: dict[str, Callable[[], object]],
-                rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                rounds: int, faults: dict[str, list[int]] | None = None,
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
   """Interleaved rounds of whole steps (each call one sample): wall and CPU seconds per step.
+
+  `faults`, when given, receives each step's minor page faults: a step whose temporary buffers
+  the allocator returns to the system between calls touches fresh pages every call.
 
   The process's CPU time counts what its threads ran, so other processes on a loaded machine add
   little to it (caches aside); set beside the wall clock, it tells the step's work from its
@@ -282,10 +292,13 @@ def step_rounds(runs: dict[str, Callable[[], object]],
     shift = r % len(order)
     for name in order[shift:] + order[:shift]:
       time.sleep(timing.PAUSE_SECONDS)
+      started_faults = _page_faults()
       started_cpu, started = _cpu_seconds(), time.perf_counter()
       runs[name]()
       wall[name].append(time.perf_counter() - started)
       cpu[name].append(_cpu_seconds() - started_cpu)
+      if faults is not None:
+        faults.setdefault(name, []).append(_page_faults() - started_faults)
   return wall, cpu
 
 
@@ -307,10 +320,12 @@ def model_case(case: ModelCase, *, fast: bool = False) -> dict:
     sizes = step.norm_sizes
     info[norm] = step_analysis(step)
     runs[norm] = functools.partial(programs.call, step.compiled, step.args)
-  times, cpu_times = step_rounds(runs, case.rounds)
+  faults: dict[str, list[int]] = {}
+  times, cpu_times = step_rounds(runs, case.rounds, faults)
   summary = timing.summarise(times, {"vs_flax": "flax", "vs_none": NO_NORM})
   for norm, samples in cpu_times.items():
     summary[norm]["cpu_median_ms"] = 1e3 * float(np.median(samples))
+    summary[norm]["page_faults"] = int(np.median(faults[norm]))
   for norm, entry in info.items():
     summary.setdefault(norm, {}).update(entry)
   network = NETWORKS[case.network]

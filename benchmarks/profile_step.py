@@ -268,21 +268,24 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def plain_rounds(steps: dict, rounds: int) -> dict[str, list[tuple[float, float]]]:
-  """`rounds` interleaved rounds without the profiler: (wall, CPU) seconds of each step.
+def plain_rounds(steps: dict, rounds: int) -> dict[str, list[tuple[float, float, int]]]:
+  """`rounds` interleaved rounds without the profiler: (wall s, CPU s, minor page faults) of each
+  step.
 
   The process's CPU time counts only the time its threads ran, so other processes on a loaded
   machine add little to it (caches aside): on one pinned core, it is the step's own work.
   """
   import jax  # pylint: disable=import-outside-toplevel
   names = list(steps)
-  results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+  results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in names}
   for r in range(rounds):
     shift = r % len(names)
     for name in names[shift:] + names[:shift]:
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       cpu, wall = _cpu_seconds(), time.perf_counter()
       jax.block_until_ready(steps[name].compiled(*steps[name].args))
-      results[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu))
+      results[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
   return results
 
 
@@ -358,8 +361,8 @@ def report(setup: dict, steps: dict, kernels: dict, results: dict, detail: str |
               f"{len(plain[names[0]])} interleaved rounds after the profiled ones; wall clock and "
               "the process's CPU time (what its threads ran: robust to other processes' load, "
               "on one pinned core the step's own work). Medians, ms.", "",
-              "| program | wall | CPU | in-model cost ÷ Flax's, wall | in-model cost ÷ Flax's, CPU |",
-              "|---|---|---|---|---|"]
+              "| program | wall | CPU | minor page faults | in-model cost ÷ Flax's, wall "
+              "| in-model cost ÷ Flax's, CPU |", "|---|---|---|---|---|---|"]
     for n in names:
       cells = []
       for index in (0, 1):
@@ -369,9 +372,9 @@ def report(setup: dict, steps: dict, kernels: dict, results: dict, detail: str |
           cells.append(_ratio(statistics.median(own), statistics.median(ref)))
         else:
           cells.append("")
-      lines.append(f"| {n} | {1e3 * statistics.median(w for w, _ in plain[n]):.1f} | "
-                   f"{1e3 * statistics.median(c for _, c in plain[n]):.1f} | {cells[0]} | "
-                   f"{cells[1]} |")
+      lines.append(f"| {n} | {1e3 * statistics.median(r[0] for r in plain[n]):.1f} | "
+                   f"{1e3 * statistics.median(r[1] for r in plain[n]):.1f} | "
+                   f"{statistics.median(r[2] for r in plain[n]):.0f} | {cells[0]} | {cells[1]} |")
     lines.append("")
 
   convolutions = {n: sorted(_signature(c.kernel) for c in kernels[n].values()
