@@ -31,7 +31,7 @@ from bnjax_examples import steps
 
 CHECKPOINT_DIR = "checkpoints"  # Under the work directory.
 NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
-               "none": "no normalisation"}
+               "whitening": "bnjax.linen.WhiteningBatchNorm", "none": "no normalisation"}
 
 
 def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False

@@ -5,8 +5,9 @@ import bnjax
 
 def test_public_names_are_pinned():
   assert sorted(bnjax.__all__) == [
-      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "batch_norm",
-      "from_torch_momentum", "init", "update_running_stats",
+      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "WhiteningBatchNorm",
+      "WhiteningState", "WhiteningStats", "batch_norm", "from_torch_momentum", "init",
+      "init_whitening", "update_running_stats", "whitening_batch_norm",
   ]
   for name in bnjax.__all__:
     assert getattr(bnjax, name) is not None
