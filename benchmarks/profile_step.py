@@ -4,6 +4,9 @@
   PYTHONPATH=. python benchmarks/profile_step.py --network cnn --batch 128 --dtype bfloat16
   PYTHONPATH=. python benchmarks/profile_step.py --cores all --rounds 20 --out /tmp/profile.md
 
+`benchmarks/PROFILE.md` (the ResNet) and `benchmarks/PROFILE_CNN.md` (``--network cnn``) are
+reports of this script, with ``--out``.
+
 The same SGD step as the model-level benchmark (`models.build_step`) is compiled with bnjax's
 batch norm, Flax's and none. Each round runs each program once under `jax.profiler` (the order
 rotated every round), and the XLA:CPU thunk events of its HLO module give every kernel's start and
