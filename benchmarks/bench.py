@@ -17,7 +17,8 @@ What is measured, all in training mode and jitted:
   (`peers.py`, `cases.py`, `programs.py`);
 * the full-size passes XLA compiled (`hlo.py`) and its memory analysis;
 * the temporary memory of a 6-layer stack (what a layer keeps for its backward);
-* a small ResNet-style training step with bnjax, Flax or no normalisation (`models.py`);
+* training steps of the example's CNN and a small ResNet with bnjax, Flax or no normalisation
+  (`models.py`): batch norm's in-model cost, the headline;
 * 1, 2 and 8 simulated devices (one subprocess each, since the device count is fixed when JAX
   starts), the batch sharded with `shard_map` and statistics combined over the mesh axis
   (`devices.py`).
@@ -33,8 +34,7 @@ import sys
 
 # Run as a script, Python puts benchmarks/ itself first on sys.path, where its modules (cases,
 # timing, models...) would shadow any top-level module of the same name. The repository root goes
-# first instead, so that `benchmarks`, `bnjax` and `examples` are this checkout's: dm-haiku installs
-# a top-level `examples` package into site-packages, which must not win.
+# first instead, so that `benchmarks`, `bnjax` and `bnjax_examples` are this checkout's.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
 sys.path[:] = [REPO] + [p for p in sys.path if os.path.abspath(p or os.curdir) not in (REPO, _HERE)]
@@ -124,8 +124,8 @@ def worker_main(args, plan: cases.Plan) -> None:
         programs.stack_memory(shape, plan.stack_layers, plan.stack_implementations, missing)
         for shape in plan.stack_shapes]
     log(f"stack memory done: {time.perf_counter() - started:.0f}s")
-    result["resnet"] = models.resnet_benchmark(plan.resnet, fast=plan.fast_compile)
-    log(f"ResNet step done: {time.perf_counter() - started:.0f}s")
+    result["models"] = models.model_benchmark(plan.models, log, fast=plan.fast_compile)
+    log(f"training steps done: {time.perf_counter() - started:.0f}s")
     result["devices"] = _devices_runs(plan)
     log(f"devices done: {time.perf_counter() - started:.0f}s")
   result["seconds"] = time.perf_counter() - started

@@ -27,13 +27,26 @@ STACK_LAYERS = 6  # (batch norm, relu) layers of the stack whose temporary memor
 LARGE_ELEMENTS = 4 * 2**20
 
 
-class ResNetSize(NamedTuple):
-  """The ResNet-style training step: batch of `image`×`image`×3 images, residual `blocks`."""
+class ModelCase(NamedTuple):
+  """One case of the model-level benchmark: a training step of `network` (`models.NETWORKS`) on
+  `batch` images in `dtype`, timed in `rounds` interleaved rounds; `image` overrides the
+  network's own image shape (height, width, channels)."""
 
+  network: str
   batch: int
-  image: int
-  blocks: int
+  dtype: str
   rounds: int
+  image: tuple[int, int, int] | None = None
+
+
+def model_cases(networks: dict[str, int], batches: tuple[int, ...], dtypes: tuple[str, ...],
+                image: tuple[int, int, int] | None = None) -> tuple[ModelCase, ...]:
+  """Every (network, batch, dtype) combination; `networks` maps each to its rounds at the
+  smallest batch (larger batches take proportionally fewer, at least 5)."""
+  smallest = min(batches)
+  return tuple(ModelCase(network, batch, dtype, max(min(5, rounds), rounds * smallest // batch),
+                         image)
+               for network, rounds in networks.items() for batch in batches for dtype in dtypes)
 
 
 class DevicesSize(NamedTuple):
@@ -60,7 +73,7 @@ class Plan:
     stack_shapes: shapes of the stack-memory measurement.
     stack_implementations: implementations in the stack-memory table (None: every JAX one).
     stack_layers: the depth of that stack.
-    resnet: the ResNet-style training step.
+    models: the model-level benchmark: training steps of real networks (the headline).
     devices: the simulated-devices programs.
     device_counts: simulated device counts, one subprocess each.
     scaling_device_counts: device counts of the compile-only scaling table.
@@ -78,7 +91,7 @@ class Plan:
   rounds_large: int
   stack_shapes: tuple[tuple[int, ...], ...]
   stack_implementations: tuple[str, ...] | None
-  resnet: ResNetSize
+  models: tuple[ModelCase, ...]
   devices: DevicesSize
   stack_layers: int = STACK_LAYERS
   device_counts: tuple[int, ...] = DEVICE_COUNTS
@@ -100,18 +113,18 @@ PLANS = {
     names.FULL: Plan(
         name=names.FULL, shapes=SHAPES, dtypes=DTYPES, rounds=41, rounds_large=11,
         stack_shapes=(SHAPES[0], SHAPES[3]), stack_implementations=None,
-        resnet=ResNetSize(batch=64, image=32, blocks=2, rounds=8),
+        models=model_cases({"cnn": 31, "resnet": 9}, (64, 128), DTYPES),
         devices=DevicesSize(shape=(128, 16, 16, 256), batch=64, image=32, blocks=2, rounds=7)),
     names.QUICK: Plan(
         name=names.QUICK, shapes=((64, 8, 8, 32),), dtypes=DTYPES, rounds=3, rounds_large=3,
         stack_shapes=((64, 8, 8, 32),), stack_implementations=(names.BNJAX, names.FLAX),
-        resnet=ResNetSize(batch=16, image=16, blocks=1, rounds=3),
+        models=model_cases({"cnn": 5, "resnet": 3}, (16,), ("float32",), image=(16, 16, 3)),
         devices=DevicesSize(shape=(64, 8, 8, 32), batch=16, image=16, blocks=None, rounds=3),
         scaling_device_counts=(8, 64), scaling_parts=("layer", "plain_jit")),
     names.SMOKE: Plan(
         name=names.SMOKE, shapes=((16, 4, 4, 8),), dtypes=("float32",), rounds=2, rounds_large=2,
         stack_shapes=((16, 4, 4, 8),), stack_implementations=(names.BNJAX, names.FLAX),
-        resnet=ResNetSize(batch=8, image=8, blocks=1, rounds=2),
+        models=model_cases({"cnn": 2}, (8,), ("float32",), image=(8, 8, 3)),
         devices=DevicesSize(shape=(16, 4, 4, 8), batch=8, image=8, blocks=None, rounds=2),
         stack_layers=2, device_counts=(1, 2),
         left_out=(names.FLAX_EXACT, names.NNX, names.HAIKU, names.EQUINOX, names.TORCH_CL,

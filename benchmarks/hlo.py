@@ -233,13 +233,15 @@ def _partially_read_parameters(fused: Computation) -> set[int]:
 BRANCH_POLICIES = ("max", "min", "all")
 
 
-def _walk(module: Module, computation: Computation, visit, branches: str, depth: int = 0) -> list:
+def _walk(module: Module, computation: Computation, visit, branches: str, depth: int = 0,
+          control=None) -> list:
   """Applies `visit(instruction, shapes)` along one execution path of `computation`.
 
   `visit` returns a list of items for an instruction (kernels, collectives). A ``conditional``
   contributes the items of one branch: the one with the most items (``branches="max"``: an upper
   bound on one execution), the fewest (``"min"``: the cheapest path), or of every branch
   (``"all"``: a static count). A ``while`` body and condition, and a ``call``, count once.
+  `control(instruction)`, when given, adds items for the control-flow instruction itself.
   """
   if depth > 32:
     raise ValueError("HLO control flow nested deeper than 32 levels")
@@ -247,7 +249,8 @@ def _walk(module: Module, computation: Computation, visit, branches: str, depth:
   items = []
   for inst in computation.instructions:
     if inst.opcode == "conditional":
-      options = [_walk(module, module.computations[name], visit, branches, depth + 1)
+      items += control(inst) if control else []
+      options = [_walk(module, module.computations[name], visit, branches, depth + 1, control)
                  for name in inst.called("branch_computations", "true_computation",
                                          "false_computation")
                  if name in module.computations]
@@ -257,16 +260,21 @@ def _walk(module: Module, computation: Computation, visit, branches: str, depth:
         pick = max if branches == "max" else min
         items += pick(options, key=lambda option: (len(option), sum(map(_weight, option))))
     elif inst.opcode in ("while", "call", "async-start"):
+      items += control(inst) if control else []
       for name in inst.called("body", "condition", "to_apply", "calls"):
         if name in module.computations:
-          items += _walk(module, module.computations[name], visit, branches, depth + 1)
+          items += _walk(module, module.computations[name], visit, branches, depth + 1, control)
     else:
       items += visit(inst, shapes)
   return items
 
 
 def _weight(item) -> int:
-  return item.reads + item.writes if isinstance(item, Pass) else 1
+  if isinstance(item, Pass):
+    return item.reads + item.writes
+  if isinstance(item, Kernel):
+    return item.read_bytes + item.write_bytes
+  return 1
 
 
 def count_passes(hlo_text: str, full_size: int | Iterable[int], *,
@@ -404,3 +412,117 @@ def memory(compiled: Any) -> dict[str, int]:
 def peak_temp_bytes(compiled: Any) -> int:
   """XLA's peak temporary allocation of a compiled program, in bytes."""
   return memory(compiled)["temp"]
+
+
+# ----------------------------------------------------------------------------- kernels and traffic
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_MATMUL_OPCODES = frozenset({"convolution", "dot"})
+_OP_NAME_RE = re.compile(r'op_name="([^"]*)"')
+
+
+def _bytes(shapes: Iterable[Shape]) -> int:
+  return sum(_DTYPE_BYTES.get(s.dtype, 4) * s.size for s in shapes)
+
+
+@dataclasses.dataclass
+class Kernel:
+  """One kernel of a compiled program (a fusion, a convolution, a copy...): what it moves.
+
+  Attributes:
+    name: the instruction's name, which is also the kernel's name in a profile.
+    opcode: ``fusion``, ``convolution``, ``copy``...
+    computation: the computation it lives in: the entry or a `lax.cond` branch.
+    read_bytes: bytes of its distinct operands (those it only gathers or slices from excluded).
+    write_bytes: bytes of its result.
+    matmul: whether it computes a convolution or a dot (itself, or inside its fusion).
+    op_names: the ``op_name`` metadata of the instruction and of every instruction it fuses:
+      JAX's name stack, e.g. ``jit(step)/jvp(Net)/BatchNorm_0/sub``.
+    opcodes: the opcodes it fuses (its own for an unfused op).
+  """
+
+  name: str
+  opcode: str
+  computation: str
+  read_bytes: int
+  write_bytes: int
+  matmul: bool
+  op_names: tuple[str, ...]
+  opcodes: tuple[str, ...]
+
+
+def list_kernels(hlo_text: str, *, branches: str = "min") -> list[Kernel]:
+  """The kernels of a compiled program along one execution path, in program order.
+
+  Args:
+    hlo_text: ``compiled.as_text()``.
+    branches: at a ``conditional``, follow the branch with the fewest kernels (``"min"``, the
+      cheapest path), the most (``"max"``), or list every branch (``"all"``: every kernel that
+      can run, as a profile needs to name them).
+
+  Returns:
+    One `Kernel` per instruction that runs code (free ops and control flow left out).
+  """
+  if branches not in BRANCH_POLICIES:
+    raise ValueError(f"`branches` must be one of {BRANCH_POLICIES}; got {branches!r}.")
+  module = parse(hlo_text)
+  owner = {inst.name: computation.name for computation in module.computations.values()
+           for inst in computation.instructions}
+
+  def visit(inst: Instruction, shapes: dict[str, list[Shape]]) -> list[Kernel]:
+    if inst.opcode in _FREE_OPCODES or inst.opcode.endswith("-done"):
+      return []
+    fused = [module.computations[c] for c in inst.called("calls") if c in module.computations]
+    inner = [j for computation in fused for j in computation.instructions]
+    partial = set().union(*(_partially_read_parameters(c) for c in fused)) if fused else set()
+    seen, reads = set(), 0
+    for index, operand in enumerate(inst.operands):
+      if operand in seen or index in partial or inst.opcode in _PARTIAL_READ_OPCODES:
+        continue
+      seen.add(operand)
+      reads += _bytes(shapes.get(operand, []))
+    opcodes = tuple(j.opcode for j in inner) or (inst.opcode,)
+    names = [m.group(1) for j in [inst] + inner for m in [_OP_NAME_RE.search(j.attributes)] if m]
+    return [Kernel(inst.name, inst.opcode, owner.get(inst.name, ""), reads, _bytes(inst.shapes),
+                   bool(_MATMUL_OPCODES & set(opcodes)), tuple(dict.fromkeys(names)), opcodes)]
+
+  return _walk(module, module.computations[module.entry], visit, branches)
+
+
+@dataclasses.dataclass
+class Traffic:
+  """What one execution path of a program runs and moves.
+
+  Attributes:
+    kernels: kernels that run (fusions, convolutions, copies...), control flow left out.
+    conditionals: ``conditional`` instructions executed (`lax.cond`, one per decision).
+    matmul_bytes: bytes read and written by convolutions and dots (and the fusions holding them).
+    other_bytes: bytes read and written by every other kernel: for memory-bound layers such as
+      batch norm, their cost.
+  """
+
+  kernels: int
+  conditionals: int
+  matmul_bytes: int
+  other_bytes: int
+
+
+def traffic(hlo_text: str, *, branches: str = "min") -> Traffic:
+  """Kernels, conditionals and bytes moved along one execution path (see `list_kernels`).
+
+  Examples:
+    >>> text = jax.jit(lambda x: jnp.sum(x * 2.0)).lower(jnp.ones((4, 8))).compile().as_text()
+    >>> traffic(text).other_bytes  # reads 32 floats, writes one.
+    132
+  """
+  module = parse(hlo_text)
+  found = _walk(module, module.computations[module.entry],
+                lambda inst, shapes: [], branches,
+                control=lambda inst: ["conditional"] if inst.opcode == "conditional" else [])
+  kernels = list_kernels(hlo_text, branches=branches)
+  return Traffic(
+      kernels=len(kernels), conditionals=len(found),
+      matmul_bytes=sum(k.read_bytes + k.write_bytes for k in kernels if k.matmul),
+      other_bytes=sum(k.read_bytes + k.write_bytes for k in kernels if not k.matmul))

@@ -17,7 +17,7 @@ from benchmarks import cases, hlo, names, peers, timing
 from benchmarks.cases import Plan
 
 
-def _error(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
   return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
@@ -36,7 +36,7 @@ def compile_or_report(jitted, args, info: dict, name: str, *, fast: bool = False
   try:
     compiled = compile_program(jitted, args, fast=fast)
   except Exception as error:  # noqa: BLE001  (a failing program is reported, not fatal)
-    info[name] = {"error": _error(error)}
+    info[name] = {"error": error_text(error)}
     return None
   info[name] = {"collectives": hlo.count_collectives(compiled.as_text())}
   return compiled
@@ -106,7 +106,7 @@ def micro_case(comparison: peers.Comparison, plan: Plan, shape, dtype_name: str,
         compiled = compile_program(jax.jit(layer_program(impl, layer, mode, shape)), args,
                                    fast=plan.fast_compile)
       except Exception as error:  # noqa: BLE001  (a peer that fails is reported, not fatal)
-        analysis[impl.name] = {"error": _error(error)}
+        analysis[impl.name] = {"error": error_text(error)}
         continue
       analysis[impl.name] = pass_analysis(compiled, x.size)
       runs[impl.name] = functools.partial(call, compiled, args)
@@ -177,7 +177,7 @@ def stack_memory(shape, layers: int, only: tuple[str, ...] | None,
       # Compiled for analysis in every plan: only the buffer assignment is read.
       compiled = hlo.compile_for_analysis(jax.jit(forward_backward(stack)).lower(*args))
     except Exception as error:  # noqa: BLE001  (reported in the table, not fatal)
-      out["errors"][impl.name] = _error(error)
+      out["errors"][impl.name] = error_text(error)
       continue
     out["impls"][impl.name] = hlo.memory(compiled)
   return out

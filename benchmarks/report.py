@@ -2,8 +2,8 @@
 
 Reads only the JSON and the names of `names.py`, `cases.py` and `peers.py` (the row order and the
 descriptions), so `bench.py --render RESULTS.json` redraws a saved run. Each comparison of
-`peers.COMPARISONS` gets its own timing and pass tables; the targets, the allocator table, the
-stack, ResNet and devices tables are batch norm's.
+`peers.COMPARISONS` gets its own timing and pass tables; the targets, the training-step table (the
+headline), the allocator table, the stack and devices tables are batch norm's.
 """
 
 import math
@@ -111,6 +111,14 @@ def _targets(runs):
           f"({_shape(names.WHITENING_SHAPES[0])})",
           [whitening_case["impls"].get(names.whitening_row("iterative", 64), {}).get(
               names.VS_BATCH_NORM)], 3.0)
+  for run in runs:
+    for e in run.get("models", []):
+      if e["dtype"] != "float32":
+        continue
+      ratio = e.get("in_model")
+      text, met = _fmt([ratio["ratio"] if ratio else None], 0.75)
+      rows.append((f"{e['network']} step (batch {e['batch']}): batch norm's in-model cost ≤ "
+                   "0.75× Flax's", run["allocator"], text, met))
   memory = runs[0].get("stack_memory", [])
   if memory:
     stack = memory[0]
@@ -247,27 +255,64 @@ def _stack_table(runs, lines):
     lines.append("")
 
 
-def _resnet_table(runs, lines):
-  lines.append("| allocator | normalisation | median ms | × Flax BatchNorm | × no normalisation |")
-  lines.append("|---|---|---|---|---|")
-  for run in runs:
-    resnet = run.get("resnet")
-    if not resnet:
+def _model_entries(runs):
+  """(allocator, entry) of every model-level case, in run order."""
+  return [(run["allocator"], entry) for run in runs for entry in run.get("models", [])]
+
+
+def _models_table(runs, lines):
+  """The headline: batch norm's cost inside a training step, bnjax against Flax."""
+  entries = _model_entries(runs)
+  if not entries:
+    lines += ["No training step was measured in this run.", ""]
+    return
+  lines += [
+      "Batch norm's **in-model cost** is what it adds to a training step: the step with the "
+      "norm layers minus the same step without normalisation (the convolutions then get a "
+      "bias). The ratio is bnjax's in-model cost over Flax's, both from the same interleaved "
+      "rounds (median of the per-round differences; in brackets the 10th–90th percentiles of a "
+      "bootstrap over rounds). The same ratio by the process's CPU time (what its threads ran, "
+      "little affected by other processes' load) tells work from waiting: a wall ratio above "
+      "the CPU ratio means a step that keeps fewer threads busy. The step ratio is the median "
+      "of per-round ratios of whole steps. "
+      "Passes (kernels reading or writing a normalised layer's array), kernels and temporary "
+      "memory are read from the compiled step (`benchmarks/hlo.py`), following the cheapest "
+      "branch of every `lax.cond`.", "",
+      "| network | batch | dtype | allocator | step ms bnjax / Flax / none | step bnjax ÷ Flax "
+      "| in-model cost ms bnjax / Flax | **in-model bnjax ÷ Flax** | in-model ÷ Flax, CPU time "
+      "| passes bnjax / Flax / none | kernels bnjax / Flax / none | temp MiB bnjax / Flax |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for allocator, e in entries:
+    impls = e["impls"]
+    if any("median_ms" not in impls.get(n, {}) for n in (BNJAX, "flax", "none")):
+      lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | "
+                   "error (see Errors) | — | — | — | — | — | — | — |")
       continue
-    for name, entry in resnet["impls"].items():
-      if "median_ms" not in entry:
-        lines.append(f"| {run['allocator']} | {name} | error (see Errors) | — | — |")
-        continue
-      lines.append(f"| {run['allocator']} | {name} | {entry['median_ms']:.1f} | "
-                   f"{entry.get('vs_flax', float('nan')):.2f} | "
-                   f"{entry.get('vs_none', float('nan')):.2f} |")
-  if runs and runs[0].get("resnet"):
-    r = runs[0]["resnet"]
-    lines.append("")
-    lines.append(f"Batch {r['batch']} of {r['image']}×{r['image']}×3 images, a 32-channel 3×3 "
-                 f"conv-norm-relu stem and {r['blocks']} residual blocks of two (so "
-                 f"{1 + 2 * r['blocks']} conv + norm layers), mean pool, dense 10, softmax "
-                 f"cross-entropy, SGD; {r['rounds']} rounds.")
+    step = " / ".join(f"{impls[n]['median_ms']:.1f}" for n in (BNJAX, "flax", "none"))
+    ratio = e.get("in_model")
+    if ratio:
+      cost = f"{ratio['subject_ms']:.1f} / {ratio['reference_ms']:.1f}"
+      in_model = f"**{ratio['ratio']:.2f}** ({ratio['low']:.2f}–{ratio['high']:.2f})"
+    else:
+      cost, in_model = "—", "not measurable"
+    cpu = e.get("in_model_cpu")
+    in_model_cpu = (f"{cpu['ratio']:.2f} ({cpu['low']:.2f}–{cpu['high']:.2f})" if cpu
+                    else "not measurable")
+    passes = " / ".join(str(impls[n].get("passes", "—")) for n in (BNJAX, "flax", "none"))
+    kernels = " / ".join(str(impls[n].get("kernels", "—")) for n in (BNJAX, "flax", "none"))
+    temp = " / ".join(f"{impls[n]['memory']['temp'] / MIB:.1f}" if "memory" in impls[n] else "—"
+                      for n in (BNJAX, "flax"))
+    lines.append(f"| {e['network']} | {e['batch']} | {e['dtype']} | {allocator} | {step} | "
+                 f"{impls[BNJAX].get('vs_flax', math.nan):.2f} | {cost} | {in_model} | "
+                 f"{in_model_cpu} | {passes} "
+                 f"| {kernels} | {temp} |")
+  lines.append("")
+  described = {}
+  for _, e in entries:
+    described.setdefault(e["network"], (e.get("description", ""), e["image"], e["rounds"]))
+  for network, (description, image, rounds) in described.items():
+    lines.append(f"- **{network}**: {description}; images {'×'.join(map(str, image))}, softmax "
+                 f"cross-entropy, SGD; {rounds} rounds at the smallest batch.")
   lines.append("")
 
 
@@ -306,7 +351,8 @@ def _devices_table(runs, lines):
       lines.append(f"Layer programs: global batch {_shape(d['shape'])} float32 sharded over the "
                    "devices, `shard_map` with `axis_name='batch'`, forward+backward with "
                    "parameter gradients summed over devices (the `all-reduce`). The ResNet step is "
-                   f"the one above with global batch {d['batch']}. Each device count runs in its "
+                   f"`benchmarks.models.resnet` (a stem and residual blocks of conv–norm–relu) "
+                   f"with global batch {d['batch']}. Each device count runs in its "
                    "own process, so these ratios are not interleaved; the simulated devices share "
                    "the machine's cores.")
       lines.append("")
@@ -326,9 +372,11 @@ def _errors(runs):
     for stack in run.get("stack_memory", []):
       for impl, error in stack.get("errors", {}).items():
         found.append((where, f"{impl}, {stack['layers']}-layer stack memory", error))
-    for impl, entry in (run.get("resnet") or {}).get("impls", {}).items():
-      if "error" in entry:
-        found.append((where, f"ResNet step with {impl}", entry["error"]))
+    for entry in run.get("models", []):
+      for impl, info in entry["impls"].items():
+        if "error" in info:
+          found.append((where, f"{entry['network']} step (batch {entry['batch']}, "
+                        f"{entry['dtype']}) with {impl}", info["error"]))
     for d in run.get("devices", []):
       if "error" in d:
         found.append((where, f"{d.get('devices')} devices", d["error"]))
@@ -496,6 +544,8 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds, sca
   for target, allocator, measured, met in _targets(runs):
     lines.append(f"| {target} | {allocator} | {measured} | {met} |")
   lines += ["", f"![bnjax and peers, time relative to Flax]({os.path.basename(chart_path)})", ""]
+  lines += ["## Training steps: batch norm's cost inside a model", ""]
+  _models_table(runs, lines)
   lines += _implementations(runs)
   lines += ["## Micro-benchmarks", ""]
   for run in runs:
@@ -514,8 +564,6 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds, sca
   stacks = runs[0].get("stack_memory") or [{"layers": STACK_LAYERS}]
   lines += [f"## Memory of a {stacks[0]['layers']}-layer stack", ""]
   _stack_table(runs, lines)
-  lines += ["## ResNet-style training step", ""]
-  _resnet_table(runs, lines)
   lines += ["## Simulated devices", ""]
   _devices_table(runs, lines)
   if scaling:

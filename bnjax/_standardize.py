@@ -249,10 +249,14 @@ def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
     # scale is the same on every device: sum first, scale after, and the parameters' sums (over
     # the same axes) come for free.
     unscaled = distributed.sum_over_devices(local, axis_name, config.axis_index_groups, group)
-    global_g = unscaled if scale is None else unscaled * scale[None]
+    # Split before scaling: without a named axis the split undoes the stack, so no per-element
+    # slice of a stacked array reaches the full-size kernels (XLA:CPU recomputes per-channel
+    # factors inside each element's loop, and a slice there costs the loop its vectorisation).
+    global_g = [unscaled[i] if scale is None else unscaled[i] * scale for i in range(2)]
   else:
-    global_g = distributed.sum_over_devices(local if scale is None else local * scale[None],
-                                            axis_name, config.axis_index_groups, group)
+    table = distributed.sum_over_devices(local if scale is None else local * scale[None],
+                                         axis_name, config.axis_index_groups, group)
+    global_g = [table[0], table[1]]
     unscaled = None
 
   def param_sum(local_sum: Array, from_global: Callable[[Array], Array],
@@ -282,16 +286,23 @@ def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
   d_eps = d_eps_channels if epsilon.ndim else jnp.sum(d_eps_channels)
   d_eps = distributed.sum_over_axes(d_eps.astype(epsilon.dtype), config.epsilon_sum_axes)
 
-  x_hat = centre(xs, mask, centre_, delta) * inv_std
-  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(dy.dtype),
-                          jnp.zeros((), dy.dtype))
-  correction = coefficient * (global_g[0] + x_hat * global_g[1])
-  g = dy if scale is None else dy * scale
+  # dx = inv_std * (g - (sum(g) + x_hat * sum(g * x_hat)) / count), with per-channel factors
+  # taken out first: dx = k_dy * dy - (k_x * centred + k_0), centred = (x - centre) - delta exact.
+  # The last operation has two full-size operands, so XLA materialises dx once: a form ending in
+  # per-channel * full-size (or + per-channel) counts as "effectively unary", and XLA:CPU then
+  # recomputes all of dx inside each consumer it can fuse into (in a model: the transposed copy
+  # that the next convolution's weight gradient reads), reading dy and x twice.
+  zero = jnp.zeros((), dy.dtype)
+  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(dy.dtype), zero)
+  k_dy = inv_std if scale is None else inv_std * scale
+  k_x = inv_std * inv_std * coefficient * global_g[1]
+  k_0 = inv_std * coefficient * global_g[0]
+  correction = k_x * centre(xs, mask, centre_, delta) + k_0
   if mask is None:
-    dx = inv_std * (g - correction)
+    dx = k_dy * dy - correction
   else:
-    direct = jnp.where(mask | jnp.isfinite(xs), g, jnp.zeros((), g.dtype))
-    dx = inv_std * (direct - jnp.where(mask, correction, jnp.zeros((), g.dtype)))
+    direct = jnp.where(mask | jnp.isfinite(xs), k_dy * dy, zero)
+    dx = direct - jnp.where(mask, correction, zero)
   return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, d_eps, None)
 
 

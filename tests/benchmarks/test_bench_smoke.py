@@ -24,7 +24,8 @@ TIMEOUT_SECONDS = 600
 SECTIONS = ("## Machine", "## Targets", "## Implementations", "## Micro-benchmarks",
             "### Allocator: glibc", "#### forward+backward, float32: median ms",
             "#### forward, float32: median ms", "## What XLA compiled (float32)",
-            "## Memory of a 2-layer stack", "## ResNet-style training step", "## Simulated devices",
+            "## Memory of a 2-layer stack", "## Training steps: batch norm's cost inside a model",
+            "## Simulated devices",
             "## Cross-device cost against the device count (compile-only)")
 SMOKE_IMPLEMENTATIONS = ("bnjax", "flax.linen", "floor", "floor+stats")
 NUMBER = r"\d+\.\d+"
@@ -120,11 +121,13 @@ def test_smoke_stack_table_measures_bnjax_flax_and_autodiff(smoke):
     assert row is not None and re.fullmatch(NUMBER, row[1]), (impl, row)
 
 
-def test_smoke_resnet_table_times_every_normalisation(smoke):
-  table = _section(smoke.report.read_text(), "## ResNet-style training step")
-  for norm in ("bnjax", "flax", "none"):
-    row = _table_row(table, "glibc", norm)
-    assert row is not None and re.fullmatch(NUMBER, row[2]), (norm, row)
+def test_smoke_training_step_table_times_bnjax_flax_and_none(smoke):
+  table = _section(smoke.report.read_text(), "## Training steps: batch norm's cost inside a model")
+  row = _table_row(table, "cnn", "8", "float32", "glibc")
+  assert row is not None, table
+  assert re.fullmatch(rf"{NUMBER} / {NUMBER} / {NUMBER}", row[4]), row  # step ms, three norms.
+  assert re.fullmatch(NUMBER, row[5]), row  # step ratio.
+  assert re.fullmatch(r"\d+ / \d+ / \d+", row[9]), row  # passes from the compiled steps.
 
 
 def test_smoke_devices_table_has_one_and_two_devices(smoke):
@@ -147,6 +150,9 @@ def test_smoke_json_records_the_plan_and_every_case(smoke):
   for case in batch_norm:
     assert set(case["impls"]) == set(SMOKE_IMPLEMENTATIONS), case["impls"].keys()
   assert [d["devices"] for d in run["devices"]] == [1, 2]
+  (step,) = run["models"]
+  assert (step["network"], step["batch"], step["dtype"]) == ("cnn", 8, "float32")
+  assert set(step["times"]) == set(step["cpu_times"]) == {"bnjax", "flax", "none"}
 
 
 def test_scaling_table_has_a_row_per_device_count_with_equal_forward_bytes(smoke):
