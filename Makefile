@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile tests bnjax README.md
 
 demo: $(STAMP)
-	$(PY) -m examples.main --config=configs/default.py --workdir=workdir/default
+	$(PY) -m bnjax_examples.main --config=configs/default.py --workdir=workdir/default
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py

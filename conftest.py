@@ -20,7 +20,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent
 LIBRARY_DIR = REPO_ROOT / "bnjax"
 README = REPO_ROOT / "README.md"
 
-# The repository's `examples`, `configs` and `benchmarks` packages come from this checkout.
+# The repository's `bnjax_examples`, `configs` and `benchmarks` packages come from this checkout.
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 

@@ -203,6 +203,20 @@ def _child_env(tmp: str) -> dict[str, str]:
   return env
 
 
+def _scaling(plan: cases.Plan, notes: list[str]) -> list[dict]:
+  """The compile-only cross-device records, one subprocess per device count."""
+  from benchmarks import scaling  # pylint: disable=import-outside-toplevel
+
+  records = []
+  for devices in plan.scaling_device_counts:
+    log(f"== scaling: {devices} simulated devices (compile-only)")
+    try:
+      records.append(scaling.measure(devices, plan.scaling_parts))
+    except (RuntimeError, OSError, ValueError) as e:  # reported, not fatal: the rest still counts.
+      notes.append(f"the scaling measurement at {devices} devices failed: {str(e)[-300:]}")
+  return records
+
+
 def run_all(args, plan: cases.Plan, argv: list[str]) -> int:
   """Runs one worker per allocator, then writes the report, chart and JSON."""
   started = time.perf_counter()
@@ -233,15 +247,16 @@ def run_all(args, plan: cases.Plan, argv: list[str]) -> int:
   if not runs:
     log("no run succeeded")
     return 1
+  scaling_records = _scaling(plan, notes)
   meta = {"notes": notes, "revision": machine.git_revision(),
           "seconds": time.perf_counter() - started,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "command": " ".join(["benchmarks/bench.py"] + argv)}
   stem = os.path.splitext(args.out)[0]
   with open(stem + ".json", "w") as f:
-    json.dump({"meta": meta, "runs": runs}, f, indent=1)
+    json.dump({"meta": meta, "runs": runs, "scaling": scaling_records}, f, indent=1)
   from benchmarks import report  # pylint: disable=import-outside-toplevel  (imports JAX)
-  report.write(args.out, stem + ".png", runs, **meta)
+  report.write(args.out, stem + ".png", runs, scaling=scaling_records, **meta)
   log(f"wrote {args.out}, {stem}.png and {stem}.json in {time.perf_counter() - started:.0f}s")
   return 0
 
@@ -263,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.render) as f:
       saved = json.load(f)
     stem = os.path.splitext(args.out)[0]
-    report.write(args.out, stem + ".png", saved["runs"], **saved["meta"])
+    report.write(args.out, stem + ".png", saved["runs"], scaling=saved.get("scaling"),
+                 **saved["meta"])
     log(f"wrote {args.out} and {stem}.png from {args.render}")
     return 0
   return run_all(args, plan, argv)

@@ -63,6 +63,8 @@ class Plan:
     resnet: the ResNet-style training step.
     devices: the simulated-devices programs.
     device_counts: simulated device counts, one subprocess each.
+    scaling_device_counts: device counts of the compile-only scaling table.
+    scaling_parts: what the scaling table measures (`benchmarks.scaling.PARTS`).
     left_out: implementations not run in this plan; their optional libraries are never
       imported.
     fast_compile: compile with `hlo.FAST_COMPILE_OPTIONS` (same HLO, slower code): for a smoke
@@ -82,6 +84,10 @@ class Plan:
   device_counts: tuple[int, ...] = DEVICE_COUNTS
   left_out: tuple[str, ...] = ()
   fast_compile: bool = False
+  # Compile-only cross-device cost against the device count (`benchmarks/scaling.py`), one
+  # subprocess per count, and which of its parts to measure.
+  scaling_device_counts: tuple[int, ...] = (8, 64, 256, 1024)
+  scaling_parts: tuple[str, ...] = ("layer", "stack", "plain_jit")
 
   def rounds_for(self, shape: tuple[int, ...]) -> int:
     return self.rounds_large if math.prod(shape) >= LARGE_ELEMENTS else self.rounds
@@ -100,7 +106,8 @@ PLANS = {
         name=names.QUICK, shapes=((64, 8, 8, 32),), dtypes=DTYPES, rounds=3, rounds_large=3,
         stack_shapes=((64, 8, 8, 32),), stack_implementations=(names.BNJAX, names.FLAX),
         resnet=ResNetSize(batch=16, image=16, blocks=1, rounds=3),
-        devices=DevicesSize(shape=(64, 8, 8, 32), batch=16, image=16, blocks=None, rounds=3)),
+        devices=DevicesSize(shape=(64, 8, 8, 32), batch=16, image=16, blocks=None, rounds=3),
+        scaling_device_counts=(8, 64), scaling_parts=("layer", "plain_jit")),
     names.SMOKE: Plan(
         name=names.SMOKE, shapes=((16, 4, 4, 8),), dtypes=("float32",), rounds=2, rounds_large=2,
         stack_shapes=((16, 4, 4, 8),), stack_implementations=(names.BNJAX, names.FLAX),
@@ -109,7 +116,7 @@ PLANS = {
         stack_layers=2, device_counts=(1, 2),
         left_out=(names.FLAX_EXACT, names.NNX, names.HAIKU, names.EQUINOX, names.TORCH_CL,
                   names.TORCH_NCHW),
-        fast_compile=True),
+        fast_compile=True, scaling_device_counts=(2, 4), scaling_parts=("layer",)),
 }
 
 

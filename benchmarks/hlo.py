@@ -343,6 +343,39 @@ def count_collectives(hlo_text: str, *, branches: str = "max") -> dict[str, int]
   return counts
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+
+
+def collective_bytes(hlo_text: str, *, branches: str = "max") -> dict[str, int]:
+  r"""Bytes each device receives from cross-device collectives, by kind: the size of each
+  collective's result (for an all-reduce, the reduced payload; for an all-gather, everything
+  gathered), summed along one execution path (`branches` as in `count_passes`).
+
+  Examples:
+    >>> text = "ENTRY %e (p: f32[4]) -> f32[4] {\n  %p = f32[4]{0} parameter(0)\n"
+    >>> text += "  ROOT %a = f32[4]{0} all-reduce(%p), to_apply=%add\n}"
+    >>> collective_bytes(text)
+    {'all-reduce': 16}
+  """
+  if branches not in BRANCH_POLICIES:
+    raise ValueError(f"`branches` must be one of {BRANCH_POLICIES}; got {branches!r}.")
+  module = parse(hlo_text)
+
+  def visit(inst: Instruction, shapes: dict[str, list[Shape]]) -> list[tuple[str, int]]:
+    del shapes
+    opcode = inst.opcode.removesuffix("-start")
+    if opcode in COLLECTIVE_OPCODES and not inst.opcode.endswith("-done"):
+      size = sum(s.size * _DTYPE_BYTES.get(s.dtype, 4) for s in inst.shapes)
+      return [(opcode, size)]
+    return []
+
+  totals: dict[str, int] = {}
+  for opcode, size in _walk(module, module.computations[module.entry], visit, branches):
+    totals[opcode] = totals.get(opcode, 0) + size
+  return totals
+
+
 # Options that only make LLVM's code generation cheaper: the optimised HLO, its fusions and the
 # buffer assignment behind `memory_analysis()` are the same, and compiling is 2-3x faster.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -412,7 +412,42 @@ def _implementations(runs):
   return lines
 
 
-def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
+def _bytes(n):
+  if n is None:
+    return "–"
+  for unit, size in (("MB", 1e6), ("KB", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} B"
+
+
+def _scaling_table(records, lines):
+  """Collective bytes, all-reduces and temporary memory against the device count."""
+  lines += ["## Cross-device cost against the device count (compile-only)", "",
+            "Compiled for D simulated devices with `jax.ShapeDtypeStruct` inputs "
+            "(`benchmarks/scaling.py`); nothing runs, so D reaches pod sizes on one CPU. One layer "
+            f"of {records[0]['channels']} channels under `shard_map`: bytes each device receives "
+            "from collectives in the forward pass (bnjax: the cheapest path / through the "
+            "re-centred second round), and the all-reduces a training step adds. The stack is "
+            "a training step of ResNet-50's 53 batch-norm layers (224x224, 2 images per device). "
+            "Plain jit: one layer without `axis_name` on a batch-sharded array.", "",
+            "| D | bnjax fwd bytes | Flax fwd bytes | bwd all-reduces bnjax / Flax "
+            "| 53-layer temp bnjax / Flax | plain jit all-reduces bnjax / Flax "
+            "| plain jit temp bnjax / Flax |", "|---|---|---|---|---|---|---|"]
+  for r in records:
+    get = r.get
+    lines.append(
+        f"| {r['devices']} | {_bytes(get('bnjax/forward_bytes'))} / "
+        f"{_bytes(get('bnjax/forward_bytes_max'))} | {_bytes(get('flax/forward_bytes'))} "
+        f"| {get('bnjax/backward_all_reduces', '–')} / {get('flax/backward_all_reduces', '–')} "
+        f"| {_bytes(get('bnjax/stack53_temp_bytes'))} / {_bytes(get('flax/stack53_temp_bytes'))} "
+        f"| {get('bnjax/plain_jit_all_reduces', '–')} / {get('flax/plain_jit_all_reduces', '–')} "
+        f"| {_bytes(get('bnjax/plain_jit_temp_bytes'))} / "
+        f"{_bytes(get('flax/plain_jit_temp_bytes'))} |")
+  lines.append("")
+
+
+def write(out, chart_path, runs, *, notes, date, revision, command, seconds, scaling=None):
   """Writes the Markdown report `out` and the chart `chart_path` for `runs` (one per allocator).
 
   Args:
@@ -421,6 +456,7 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
     runs: one worker's JSON per allocator, as `bench.py` saves them under "runs".
     notes: lines to print in bold under the machine description.
     date, revision, command, seconds: when, at which revision, how and how long the run was made.
+    scaling: `benchmarks.scaling` records, one per device count (a table when given).
   """
   lines = _header(runs, notes, date, revision, command, seconds)
   lines += ["", "## Targets", "",
@@ -452,6 +488,8 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds):
   _resnet_table(runs, lines)
   lines += ["## Simulated devices", ""]
   _devices_table(runs, lines)
+  if scaling:
+    _scaling_table(scaling, lines)
   errors = _errors(runs)
   if errors:
     lines += ["## Errors", "", "Programs that failed to compile (left out of the tables above):",

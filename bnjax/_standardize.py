@@ -324,3 +324,14 @@ batch norm (the forward pass and its residuals are `train_custom_vjp`'s), but `s
 must carry no gradient.
 """
 train_norm_custom_vjp.defvjp(_train_fwd, _norm_bwd)
+
+# One compiled program per configuration for the whole training computation: inside an outer `jit`
+# it is inlined (no cost); called eagerly, and differentiated eagerly, it runs as one compiled
+# program forward and one backward instead of op by op.
+_JITTED = {True: jax.jit(train_custom_vjp, static_argnums=0),
+           False: jax.jit(train, static_argnums=0)}
+
+
+def jitted_train(custom_vjp: bool):
+  """`train_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
+  return _JITTED[bool(custom_vjp)]

@@ -1,6 +1,7 @@
 """The pure batch-norm core: `init`, `batch_norm` and the running-statistics update."""
 
 from collections.abc import Sequence
+import functools
 import math
 import numbers
 from typing import Any, Literal, overload
@@ -244,6 +245,12 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   if return_stats and not train:
     _checks.fail(_WHERE, "`return_stats=True` needs `train=True`; evaluation measures no batch "
                  "statistics.")
+  if train and axis_name is None and not _any_tracer((params, state, x, mask, momentum, epsilon)):
+    # An eager call (outside jit and every transformation) would build and compile its
+    # `lax.cond`s anew each time: run it through one compiled program per configuration.
+    return _eager_train(params, state, x, mask, momentum, epsilon, axis=feature_axes,
+                        unbiased_running_var=unbiased_running_var, dtype=dtype,
+                        return_stats=return_stats, custom_vjp=custom_vjp, stats_route=stats_route)
 
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
@@ -296,7 +303,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
       pivot_shared=(axis_name is not None
                     and distributed.typed_invariant(running_mean, axis_name, x)),
       count_shape=count_shape, where=_WHERE)
-  train_fn = _standardize.train_custom_vjp if custom_vjp else _standardize.train
+  train_fn = _standardize.jitted_train(custom_vjp)
   y, moments = train_fn(config, x, mask, scale, bias, lax.stop_gradient(running_mean),
                         lax.stop_gradient(running_var), epsilon)
   new_state, updated = update_running_stats(
@@ -308,6 +315,17 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
                        count=squeeze(moments.count), updated=updated)
     return y, new_state, batch
   return y, new_state
+
+
+def _any_tracer(tree: Any) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "unbiased_running_var", "dtype",
+                                             "return_stats", "custom_vjp", "stats_route"))
+def _eager_train(params, state, x, mask, momentum, epsilon, **static):
+  return batch_norm(params, state, x, True, mask=mask, momentum=momentum, epsilon=epsilon,
+                    **static)
 
 
 def _per_channel(value: Any, feature_shape, keep_shape, dtype, name: str) -> jax.Array:

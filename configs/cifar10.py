@@ -1,4 +1,4 @@
-r"""python -m examples.main --config=configs/cifar10.py --workdir=workdir/cifar10 --config.data_dir=DIR
+r"""python -m bnjax_examples.main --config=configs/cifar10.py --workdir=workdir/cifar10 --config.data_dir=DIR
 
 CIFAR-10 with a ResNet-20 (three stages of three residual blocks, 16-32-64 channels) and
 `bnjax.BatchNorm`, random crops and flips, for 60 epochs (an accelerator is advisable). Nothing is

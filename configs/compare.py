@@ -1,4 +1,4 @@
-r"""python -m examples.main --config=configs/compare.py --workdir=workdir/compare
+r"""python -m bnjax_examples.main --config=configs/compare.py --workdir=workdir/compare
 
 Comparison mode: trains the default model twice, with `bnjax.BatchNorm` and without normalisation,
 each in its own subdirectory of the work directory, and draws both on ``comparison.png``. Add

@@ -1,4 +1,4 @@
-r"""python -m examples.main --config=configs/default.py --workdir=workdir/default
+r"""python -m bnjax_examples.main --config=configs/default.py --workdir=workdir/default
 
 The default: the Flax MNIST CNN with `bnjax.BatchNorm` after every layer, on scikit-learn's bundled
 8x8 handwritten digits (1,797 images, 20% held out by seed). It needs no download and reached

@@ -1,4 +1,4 @@
-r"""python -m examples.main --config=configs/mnist.py --workdir=workdir/mnist --config.data_dir=DIR
+r"""python -m bnjax_examples.main --config=configs/mnist.py --workdir=workdir/mnist --config.data_dir=DIR
 
 MNIST (28x28) with the default CNN and `bnjax.BatchNorm`, for 5 epochs. Nothing is downloaded:
 ``DIR`` must hold ``mnist.npz`` (the Keras layout: ``x_train``, ``y_train``, ``x_test``, ``y_test``)

@@ -1,4 +1,4 @@
-r"""python -m examples.main --config=configs/no_norm.py --workdir=workdir/no_norm
+r"""python -m bnjax_examples.main --config=configs/no_norm.py --workdir=workdir/no_norm
 
 The baseline: the default config (CNN on the bundled digits) with no normalisation at all. The
 layers get their biases back; everything else, the learning rate included, is the default's, so the

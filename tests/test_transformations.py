@@ -167,9 +167,9 @@ def test_per_example_vmap_gradient_equals_batched_call():
   x = _data(7).reshape(-1, C)
   w = _weights(8).reshape(-1, C)
   params, state, batched = _per_example_call(True)
-  per_example = jax.grad(lambda x: jnp.sum(w * jnp.tanh(batched(x)[0])))(x)
-  whole_batch = jax.grad(lambda x: jnp.sum(
-      w * jnp.tanh(bnjax.batch_norm(params, state, x, True)[0])))(x)
+  per_example = jax.jit(jax.grad(lambda x: jnp.sum(w * jnp.tanh(batched(x)[0]))))(x)
+  whole_batch = jax.jit(jax.grad(lambda x: jnp.sum(
+      w * jnp.tanh(bnjax.batch_norm(params, state, x, True)[0]))))(x)
   np.testing.assert_allclose(per_example, whole_batch, **F32)
 
 
@@ -184,7 +184,7 @@ def test_per_example_vmap_module_matches_flax():
       return model.apply(variables, x_C, mutable=["batch_stats"])
 
     with jax.numpy_dtype_promotion("standard"):  # Flax mixes dtypes in its statistics.
-      outputs[name] = jax.vmap(apply, axis_name="batch")(x)
+      outputs[name] = jax.jit(jax.vmap(apply, axis_name="batch"))(x)
   (y, updates), (y_flax, updates_flax) = outputs["bnjax"], outputs["flax"]
   np.testing.assert_allclose(y, y_flax, **F32)
   np.testing.assert_allclose(updates["batch_stats"]["var"], updates_flax["batch_stats"]["var"],
@@ -232,15 +232,15 @@ def test_grad_through_vmap_with_axis_index_groups_equals_autodiff():
                               custom_vjp=custom_vjp)[0]
     return jnp.sum(w * jnp.tanh(jax.vmap(member, axis_name="ens")(params, x)))
 
-  ours = jax.grad(loss, argnums=(0, 1))(params, x, True)
-  autodiff = jax.grad(loss, argnums=(0, 1))(params, x, False)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  ours, autodiff = grads(params, x, True), grads(params, x, False)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(autodiff)):
     np.testing.assert_allclose(a, b, **F32)
   # And the groups really are separate: group [0, 3]'s statistics ignore members 1 and 2.
   sub = np.asarray(x, np.float64)[[0, 3]].reshape(-1, C)
-  y = jax.vmap(lambda p, x: bnjax.batch_norm(
+  y = jax.jit(jax.vmap(lambda p, x: bnjax.batch_norm(
       p, bnjax.BatchNormState(jnp.zeros(C), jnp.ones(C)), x, True, axis_name="ens",
-      axis_index_groups=groups)[0], axis_name="ens")(params, x)
+      axis_index_groups=groups)[0], axis_name="ens"))(params, x)
   x_hat = (sub - sub.mean(0)) / np.sqrt(sub.var(0) + 1e-5)
   expected = x_hat[:ROWS] * np.asarray(params.scale[0]) + np.asarray(params.bias[0])
   np.testing.assert_allclose(y[0], expected, **F32)
@@ -267,7 +267,7 @@ def test_nn_vmap_ensemble_gradients_match_flax():
       return jnp.sum(w * jnp.tanh(y)), updates
 
     with jax.numpy_dtype_promotion("standard"):
-      results[name] = jax.grad(loss, has_aux=True)(variables["params"])
+      results[name] = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
   (grads, updates), (grads_flax, updates_flax) = results["bnjax"], results["flax"]
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_flax)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -319,7 +319,7 @@ def test_checkpointed_vmap_gradients_equal_plain():
     member = jax.checkpoint(member) if remat else member
     return jnp.sum(jax.vmap(member, axis_name="ens")(params, x * w))
 
-  plain = jax.grad(loss)(params, x, False)
-  remat = jax.grad(loss)(params, x, True)
+  grad = jax.jit(jax.grad(loss), static_argnums=2)
+  plain, remat = grad(params, x, False), grad(params, x, True)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, **F32)

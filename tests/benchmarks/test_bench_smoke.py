@@ -24,7 +24,8 @@ TIMEOUT_SECONDS = 600
 SECTIONS = ("## Machine", "## Targets", "## Implementations", "## Micro-benchmarks",
             "### Allocator: glibc", "#### forward+backward, float32: median ms",
             "#### forward, float32: median ms", "## What XLA compiled (float32)",
-            "## Memory of a 2-layer stack", "## ResNet-style training step", "## Simulated devices")
+            "## Memory of a 2-layer stack", "## ResNet-style training step", "## Simulated devices",
+            "## Cross-device cost against the device count (compile-only)")
 SMOKE_IMPLEMENTATIONS = ("bnjax", "flax.linen", "floor", "floor+stats")
 NUMBER = r"\d+\.\d+"
 TEMPORARY_PREFIX = "bnjax-bench-smoke-"  # of the directory --smoke writes into by default.
@@ -146,3 +147,11 @@ def test_smoke_json_records_the_plan_and_every_case(smoke):
   for case in batch_norm:
     assert set(case["impls"]) == set(SMOKE_IMPLEMENTATIONS), case["impls"].keys()
   assert [d["devices"] for d in run["devices"]] == [1, 2]
+
+
+def test_scaling_table_has_a_row_per_device_count_with_equal_forward_bytes(smoke):
+  table = _section(smoke.report.read_text(), "## Cross-device cost against the device count")
+  rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+  assert [row.split("|")[1].strip() for row in rows] == ["2", "4"]
+  forward = {row.split("|")[2].strip() for row in rows}
+  assert len(forward) == 1, forward  # bnjax's forward bytes do not grow with the device count.

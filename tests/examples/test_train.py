@@ -1,8 +1,8 @@
-"""Tests for examples/train.py: a smoke run of the default config on the bundled digits, exact
+"""Tests for the training library: a smoke run of the default config on the bundled digits, exact
 resumption, checkpoints of another model, data parallelism and the comparison mode.
 
-Every run here uses all 8 simulated devices of the suite (tests/conftest.py), so the batch-norm
-statistics and the gradients are combined across devices throughout.
+Every run here uses all 8 simulated devices of the suite (set in the root conftest.py), so the
+batch-norm statistics and the gradients are combined across devices throughout.
 """
 
 import functools
@@ -14,14 +14,16 @@ import jax
 import numpy as np
 import pytest
 
+from bnjax_examples import checkpointing
+from bnjax_examples import input_pipeline
+from bnjax_examples import models
+from bnjax_examples import parallel
+from bnjax_examples import reporting
+from bnjax_examples import steps
+from bnjax_examples import train
 from configs import cifar10 as cifar10_config
 from configs import compare as compare_config
 from configs import default as default_config
-from examples import checkpointing
-from examples import input_pipeline
-from examples import models
-from examples import reporting
-from examples import train
 
 
 def smoke_config():
@@ -119,19 +121,19 @@ def test_checkpoint_of_another_data_stream_is_refused(smoke_run, tmp_path):
 def test_one_device_and_four_devices_give_the_same_training_steps():
   config = smoke_config()
   dataset = input_pipeline.load_dataset("digits")
-  model = train.create_model(config, dataset.num_classes)
-  learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=4)
-  create_state = functools.partial(train.create_train_state, jax.random.key(0), config, model,
+  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
+  learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch=4)
+  create_state = functools.partial(steps.create_train_state, jax.random.key(0), config, model,
                                    dataset.image_shape, learning_rate_fn)
   initial, final = {}, {}
   for num_devices in (1, 4):
-    mesh = train.create_mesh(jax.devices()[:num_devices])
-    state = train.replicate(create_state, mesh)
+    mesh = parallel.create_mesh(jax.devices()[:num_devices])
+    state = parallel.replicate(create_state, mesh)
     initial[num_devices] = variables_of(state)
     step_fn = train.parallel_train_step(mesh, fast_compile=config.fast_compile)
     batches = input_pipeline.train_batches(dataset, global_batch_size=config.batch_size, seed=0)
     for _ in range(3):
-      state, _ = step_fn(state, train.shard_batch(next(batches), mesh, config.batch_size))
+      state, _ = step_fn(state, parallel.shard_batch(next(batches), mesh, config.batch_size))
     final[num_devices] = variables_of(state)
   for name, expected in final[1].items():
     np.testing.assert_array_equal(initial[4][name], initial[1][name], err_msg=name)
@@ -181,5 +183,6 @@ def test_metrics_lines_are_json_with_loss_and_accuracy(smoke_run):
 def test_norm_factory_of_the_config_reaches_the_model():
   config = smoke_config()
   config.norm = "flax"
-  model = train.create_model(config, num_classes=10)
-  assert model.norm.func is models.nn.BatchNorm and model.norm.keywords["axis_name"] == train.AXIS
+  model = steps.create_model(config, num_classes=10, axis_name=parallel.AXIS)
+  assert model.norm.func is models.nn.BatchNorm
+  assert model.norm.keywords["axis_name"] == parallel.AXIS

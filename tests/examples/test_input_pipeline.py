@@ -1,5 +1,5 @@
-"""Tests for examples/input_pipeline.py: every file format on tiny files the tests write, each
-malformed-file error, and the batch stream that checkpoints and processes rely on."""
+"""Tests for bnjax_examples/input_pipeline.py: every file format on tiny files the tests write,
+each malformed-file error, and the batch stream that checkpoints and processes rely on."""
 
 import gzip
 import os
@@ -9,10 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-import examples
-from examples import input_pipeline
+from bnjax_examples import input_pipeline
 
 NUM_TRAIN, NUM_TEST = 6, 4
 
@@ -73,10 +70,6 @@ class Unpicklable:
 def _mark_unpickled():
   Unpicklable.unpickled = True
   return "unpickled"
-
-
-def test_examples_package_is_the_repos():
-  assert pathlib.Path(examples.__file__).resolve().parent == REPO_ROOT / "examples"
 
 
 def test_digits_split_is_deterministic_by_seed():

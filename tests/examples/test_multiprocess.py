@@ -15,27 +15,28 @@ import textwrap
 import jax
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 from configs import default as default_config
-from examples import train
+from bnjax_examples import train
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 
-# What each process runs: join the cluster, train the smoke config, save its variables.
+# What each process runs: join the cluster, train the smoke config, save its variables; then, as
+# the command line's final report does, process 0 alone looks up the newest checkpoint.
 WORKER = textwrap.dedent("""
     import sys
     repo, coordinator, process_id, workdir, out = sys.argv[1:]
     sys.path.insert(0, repo)
-    from examples import main
+    from bnjax_examples import main
     main.initialize_distributed(coordinator, {num_processes}, int(process_id))
     import jax
     import numpy as np
     jax.config.update("jax_numpy_rank_promotion", "raise")
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     from configs import default
-    from examples import train
+    from bnjax_examples import train
     assert jax.process_count() == {num_processes} and jax.device_count() == {num_devices}
     config = default.get_config("smoke")
     config.progress_bar = False
@@ -45,6 +46,9 @@ WORKER = textwrap.dedent("""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     np.savez(out, **{{"/".join(str(k.key) for k in path): np.asarray(leaf)
                       for path, leaf in leaves}})
+    if jax.process_index() == 0:
+      with open(out + ".latest", "w") as f:
+        f.write(train.latest_checkpoint(workdir))
 """).format(num_processes=NUM_PROCESSES, num_devices=NUM_PROCESSES * DEVICES_PER_PROCESS)
 
 
@@ -89,5 +93,6 @@ def test_two_processes_train_like_one(tmp_path):
   for name, value in expected.items():
     np.testing.assert_array_equal(results[1][name], results[0][name], err_msg=name)
     np.testing.assert_allclose(results[0][name], value, rtol=2e-5, atol=2e-6, err_msg=name)
-  assert train.latest_checkpoint(str(tmp_path / "multi")) == str(tmp_path / "multi" /
-                                                                 "checkpoints" / "3")
+  final_checkpoint = str(tmp_path / "multi" / "checkpoints" / "3")
+  assert (tmp_path / "process_0.npz.latest").read_text() == final_checkpoint
+  assert train.latest_checkpoint(str(tmp_path / "multi")) == final_checkpoint

@@ -1,6 +1,6 @@
 r"""Trains an example model with bnjax; a thin entry point around `train.train_and_evaluate`.
 
-  python -m examples.main --config=configs/default.py --workdir=workdir/default
+  python -m bnjax_examples.main --config=configs/default.py --workdir=workdir/default
 
 Override config fields with ``--config.<field>=<value>`` (e.g. ``--config.learning_rate=0.05``).
 Rerunning the same command resumes from the newest checkpoint in the work directory.
@@ -8,7 +8,7 @@ Rerunning the same command resumes from the newest checkpoint in the work direct
 Several processes (e.g. one per host) form one run through JAX's distributed runtime; give each the
 same coordinator and its own id, and each feeds its own share of every global batch:
 
-  python -m examples.main --config=configs/default.py --workdir=workdir/dp \
+  python -m bnjax_examples.main --config=configs/default.py --workdir=workdir/dp \
       --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0   # and =1
 """
 
@@ -21,10 +21,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from examples import checkpointing
-from examples import input_pipeline
-from examples import reporting
-from examples import train
+from bnjax_examples import checkpointing
+from bnjax_examples import config_check
+from bnjax_examples import input_pipeline
+from bnjax_examples import parallel
+from bnjax_examples import reporting
+from bnjax_examples import train
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +56,15 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+
+
+def device_summary() -> str:
+  """The devices each global batch is split over, with how to get more on a CPU."""
+  summary = f"Training on {parallel.describe_devices(parallel.create_mesh())}."
+  if jax.device_count() == 1 and jax.devices()[0].platform == "cpu":
+    summary += (" To split each batch over 8 simulated CPU devices, set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=8 before starting Python.")
+  return summary
 
 
 def report_outputs(config, workdir: str) -> None:
@@ -87,12 +98,14 @@ def main(argv):
   config = FLAGS.config
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if jax.process_index() == 0:
+    print(device_summary(), flush=True)
   try:
     if config.compare_norms:
       train.compare_norms(config, FLAGS.workdir)
     else:
       train.train_and_evaluate(config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DatasetError,
+  except (config_check.ConfigError, input_pipeline.DatasetError,
           checkpointing.CheckpointMismatchError) as e:
     raise SystemExit(f"error: {e}") from e
   except KeyboardInterrupt:

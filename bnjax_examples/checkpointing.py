@@ -9,10 +9,15 @@ A checkpoint holds two items:
 
 Restoring first compares the stored variables with the model's by name and shape, and refuses with
 a `CheckpointMismatchError` that lists the differences: a checkpoint is never partly loaded.
+`latest_checkpoint` finds the newest checkpoint of a directory with the same orbax lookup.
 """
 
+from collections.abc import Iterator
+import contextlib
 import json
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -36,6 +41,11 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in leaves}
 
 
+def _step_path(directory: str, step: int) -> str:
+  """Where orbax's default step naming puts the checkpoint of `step`."""
+  return os.path.join(directory, str(step))
+
+
 def describe_mismatch(stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                       limit: int = 8) -> list[str]:
   """One line per variable whose presence or shape differs between a checkpoint and the model."""
@@ -50,6 +60,30 @@ def describe_mismatch(stored: dict[str, tuple[int, ...]], expected: dict[str, tu
   if len(lines) > limit:
     lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
   return lines
+
+
+@contextlib.contextmanager
+def hold_back_ctrl_c() -> Iterator[None]:
+  """Delays Ctrl-C (SIGINT) until the block has run, then raises `KeyboardInterrupt`.
+
+  For what must not be cut in half if a checkpoint is to be saved on Ctrl-C: orbax's save and close
+  (interrupted, its background writers are left half set up and the process hangs or fails), and a
+  step that donates the train state (interrupted after the call and before the assignment, the
+  state is gone). Only the main thread receives signals, and only Python's default handler raises
+  `KeyboardInterrupt`; otherwise the block runs as it is.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
 
 
 class Checkpointer:
@@ -78,19 +112,22 @@ class Checkpointer:
 
   def path(self, step: int) -> str:
     """The directory of the checkpoint of `step`."""
-    return os.path.join(self.directory, str(step))
+    return _step_path(self.directory, step)
 
   def save(self, state: Any, progress: dict[str, Any]) -> None:
     """Starts saving `state` and `progress` at ``state.step`` (asynchronously; see `close`).
 
-    Every process must call it: in a multi-process run each writes its part of the arrays.
+    Every process must call it: in a multi-process run each writes its part of the arrays. A
+    Ctrl-C during the call takes effect when it returns, so a save is never cut in half.
     """
-    step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
-      return
-    progress = dict(progress, run=self.run)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)), progress=ocp.args.JsonSave(progress)))
+    with hold_back_ctrl_c():
+      self._manager.wait_until_finished()  # A save of this step may still be in flight.
+      step = int(jax.device_get(state.step))
+      if step in self._manager.all_steps():
+        return
+      progress = dict(progress, run=self.run)
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_state_tree(state)), progress=ocp.args.JsonSave(progress)))
 
   def restore_latest(self, state: Any) -> tuple[Any, dict] | None:
     """Restores the newest checkpoint into the structure, shapes and shardings of `state`.
@@ -149,6 +186,28 @@ class Checkpointer:
     return state, progress
 
   def close(self) -> None:
-    """Waits for pending saves to finish and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves to finish and releases the manager (Ctrl-C held back meanwhile)."""
+    with hold_back_ctrl_c():
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+
+def latest_checkpoint(directory: str) -> str | None:
+  """The directory of the newest checkpoint in `directory`, or None if there is none.
+
+  The step comes from orbax's `CheckpointManager.latest_step`, the lookup `Checkpointer` restores
+  with. The manager is opened without creating or deleting anything, and for this process alone:
+  any one process of a multi-process run may call this (process 0 does to report), so it must not
+  wait at orbax's barriers for the others.
+  """
+  directory = os.path.abspath(directory)
+  this_process = jax.process_index()
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, save_root_metadata=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=this_process, active_processes={this_process})))
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  return None if step is None else _step_path(directory, step)

@@ -1,4 +1,4 @@
-"""Tests for examples/models.py: the `norm` factory swaps bnjax, Flax and no normalisation."""
+"""Tests for bnjax_examples/models.py: the `norm` factory swaps bnjax, Flax and no normalisation."""
 
 import doctest
 import functools
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples import models
+from bnjax_examples import models
 
 
 # Each test runs a function once: compiling without LLVM optimisation takes a second, not ten.

@@ -1,0 +1,30 @@
+"""Tools around the batch-norm core: folding into the previous layer for inference
+(`fold_batch_norm`, `fold_batch_norms`), frozen batch norm for fine-tuning (`norm_params_mask`,
+`norm_params_labels`, `norm_layer_paths` for linen; `norm_params_filter`, `params_except_norms`
+for NNX).
+
+The folding tools import no flax; the freezing tools need flax and are imported on first use, so
+`import bnjax.tools` alone does not import flax.
+"""
+
+import importlib
+from typing import Any
+
+from bnjax.tools.fold import FoldPair as FoldPair
+from bnjax.tools.fold import fold_batch_norm as fold_batch_norm
+from bnjax.tools.fold import fold_batch_norms as fold_batch_norms
+
+_FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm_params_mask",
+           "params_except_norms")
+
+__all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms", *_FREEZE]
+
+
+def __getattr__(name: str) -> Any:
+  if name in _FREEZE:
+    return getattr(importlib.import_module("bnjax.tools.freeze"), name)
+  raise AttributeError(f"module 'bnjax.tools' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_FREEZE))

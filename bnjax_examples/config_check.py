@@ -1,0 +1,112 @@
+"""Checks a run's config before anything is loaded or trained.
+
+Every invalid field is reported at once, each with its value and the fix, in one `ConfigError`:
+
+  >>> from configs import default
+  >>> config = default.get_config()
+  >>> config.learning_rate = -0.1
+  >>> validate_config(config, num_devices=1)
+  Traceback (most recent call last):
+  ...
+  bnjax_examples.config_check.ConfigError: Invalid config; nothing was trained:
+    config.learning_rate = -0.1: must be a positive number, e.g. --config.learning_rate=0.1.
+"""
+
+import math
+from typing import Any
+
+import jax
+import ml_collections
+
+from bnjax_examples import input_pipeline
+from bnjax_examples import models
+
+MODELS = ("CNN", "ResNet")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field, the value and the fix."""
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    num_train_examples: int | None = None) -> None:
+  """Checks every config value before anything is loaded or trained.
+
+  Args:
+    config: the run's config.
+    num_devices: devices the global batch is split over (default: `jax.device_count()`).
+    num_train_examples: size of the training set, once known, to check the batch size against it.
+
+  Raises:
+    ConfigError: listing every invalid field with its value and how to fix it.
+  """
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  problems = []
+
+  def require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+      problems.append(f"config.{field} = {config.get(field)!r}: {message}")
+
+  def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+  require(config.dataset in input_pipeline.DATASETS, "dataset",
+          f"unknown dataset; use one of {', '.join(input_pipeline.DATASETS)}, e.g. "
+          "--config.dataset=digits.")
+  require(config.dataset == "digits" or bool(config.data_dir), "data_dir",
+          f"{config.dataset} is read from local files; set --config.data_dir to the directory "
+          "that holds them.")
+  require(config.model in MODELS, "model", f"unknown model; use one of {', '.join(MODELS)}.")
+  require(config.norm in models.NORMS, "norm",
+          f"unknown normalisation; use one of {', '.join(models.NORMS)}.")
+  compare = tuple(config.compare_norms)
+  require(all(n in models.NORMS for n in compare) and len(set(compare)) == len(compare),
+          "compare_norms", f"must list distinct values of {', '.join(models.NORMS)}, e.g. "
+          "--config.compare_norms=\"('bnjax', 'none')\", or be () to train only config.norm.")
+  require(is_number(config.learning_rate) and config.learning_rate > 0, "learning_rate",
+          "must be a positive number, e.g. --config.learning_rate=0.1.")
+  require(is_number(config.momentum) and 0 <= config.momentum < 1, "momentum",
+          "the SGD momentum must be in [0, 1), e.g. --config.momentum=0.9.")
+  require(is_number(config.weight_decay) and config.weight_decay >= 0, "weight_decay",
+          "must be >= 0 (0 switches it off).")
+  require(is_number(config.batch_norm_momentum) and 0 <= config.batch_norm_momentum <= 1,
+          "batch_norm_momentum", "the decay of the running averages must be in [0, 1], e.g. 0.9.")
+  require(is_number(config.batch_norm_epsilon) and config.batch_norm_epsilon > 0,
+          "batch_norm_epsilon", "must be > 0, e.g. 1e-5.")
+  for field in ("batch_size", "eval_batch_size"):
+    size = config.get(field)
+    if not (is_int(size) and size > 0):
+      require(False, field, "must be a positive int, e.g. 64.")
+    else:
+      multiple = max(num_devices, -(-size // num_devices) * num_devices)
+      require(size % num_devices == 0, field,
+              f"the global batch is split evenly over the {num_devices} devices "
+              f"(jax.device_count()), so it must be a multiple of {num_devices}; use e.g. "
+              f"--config.{field}={multiple}.")
+  if is_int(config.batch_size) and num_train_examples is not None:
+    require(config.batch_size <= num_train_examples, "batch_size",
+            f"larger than the {num_train_examples} training examples of {config.dataset}; use at "
+            f"most {num_train_examples}.")
+  require(is_int(config.num_epochs) and config.num_epochs >= 1, "num_epochs",
+          "must be an int >= 1.")
+  require(is_int(config.steps_per_epoch) and (config.steps_per_epoch == -1
+                                              or config.steps_per_epoch >= 1),
+          "steps_per_epoch", "must be -1 (one pass over the training set) or an int >= 1.")
+  require(is_number(config.warmup_epochs) and config.warmup_epochs >= 0, "warmup_epochs",
+          "must be >= 0.")
+  require(is_int(config.seed), "seed", "must be an int.")
+  require(is_number(config.test_fraction) and 0 < config.test_fraction < 1, "test_fraction",
+          "the held-out fraction of the digits must be in (0, 1), e.g. 0.2.")
+  require(is_int(config.log_every_steps) and config.log_every_steps >= 1, "log_every_steps",
+          "must be an int >= 1.")
+  require(is_int(config.checkpoint_every_epochs) and config.checkpoint_every_epochs >= 0,
+          "checkpoint_every_epochs", "must be an int >= 0 (0: only at the end).")
+  require(is_int(config.stop_at_step) and config.stop_at_step >= 0, "stop_at_step",
+          "must be an int >= 0 (0: train to the end).")
+  for field in ("augment", "progress_bar", "fast_compile"):
+    require(isinstance(config.get(field), bool), field, "must be True or False.")
+  if problems:
+    raise ConfigError("Invalid config; nothing was trained:\n  " + "\n  ".join(problems))

@@ -1,0 +1,195 @@
+"""Training library for the bnjax example, in the shape of the Flax examples.
+
+`train_and_evaluate(config, workdir)` trains one model and returns its final `TrainState`;
+`compare_norms(config, workdir)` trains the same model once per normalisation and plots the runs
+together, so the effect of batch norm is visible.
+
+This module puts a run together from its parts, each in its own module: `config_check` (the config
+is valid), `input_pipeline` (data), `steps` (model, optimizer, the pure train and eval steps),
+`parallel` (the mesh over every device, the batch split along it), `loop` (epochs, metrics,
+checkpoints), `checkpointing` and `reporting` (metrics file, plots).
+"""
+
+from collections.abc import Callable
+import functools
+import os
+from typing import Any
+
+from absl import logging
+import jax
+from jax.sharding import Mesh
+import ml_collections
+
+from bnjax_examples import checkpointing
+from bnjax_examples import config_check
+from bnjax_examples import input_pipeline
+from bnjax_examples import loop
+from bnjax_examples import metrics
+from bnjax_examples import parallel
+from bnjax_examples import reporting
+from bnjax_examples import steps
+
+CHECKPOINT_DIR = "checkpoints"  # Under the work directory.
+NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
+               "none": "no normalisation"}
+
+
+def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
+                        ) -> Callable[[steps.TrainState, dict], tuple[steps.TrainState, dict]]:
+  """`steps.train_step` over the mesh: state replicated and donated, batch split along the axis.
+
+  Args:
+    mesh: from `parallel.create_mesh`; the model must combine its statistics over
+      `parallel.AXIS` (``steps.create_model(..., axis_name=parallel.AXIS)``).
+    fast_compile: on CPU, compile without LLVM optimisation (see `parallel.data_parallel`).
+  """
+  return parallel.data_parallel(functools.partial(steps.train_step, axis_name=parallel.AXIS), mesh,
+                                donate_state=True, fast_compile=fast_compile)
+
+
+def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
+                       ) -> Callable[[steps.TrainState, dict], dict]:
+  """`steps.eval_step` over the mesh: state replicated, batch split along the axis."""
+  return parallel.data_parallel(functools.partial(steps.eval_step, axis_name=parallel.AXIS), mesh,
+                                fast_compile=fast_compile)
+
+
+def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline.Dataset,
+             mesh: Mesh, global_batch_size: int) -> dict[str, float]:
+  """Test loss and accuracy over the whole test set, with the running statistics."""
+  rows = parallel.process_rows(mesh, global_batch_size)
+  return metrics.eval_summary(
+      eval_fn(state, parallel.shard_batch(batch, mesh, global_batch_size)) for batch in
+      input_pipeline.eval_batches(dataset, global_batch_size=global_batch_size, rows=rows))
+
+
+def run_description(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
+  """What a checkpoint records of its run: the data stream (must match to resume), the model."""
+  model_fields = {"model": config.model, "norm": config.norm}
+  model_fields.update(config.cnn.to_dict() if config.model == "CNN" else config.resnet.to_dict())
+  return {"data": {"dataset": config.dataset, "seed": config.seed,
+                   "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
+                   "augment": config.augment},
+          "model": model_fields}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
+  """Trains ``config.model`` on ``config.dataset``, evaluating after every epoch.
+
+  Resumes from the newest checkpoint in ``workdir/checkpoints`` when there is one. Writes
+  ``workdir/metrics.jsonl`` (one line per epoch) and ``workdir/metrics.png``.
+
+  Args:
+    config: the run's config (see ``configs/default.py``); validated before anything starts.
+    workdir: the directory for checkpoints, metrics and the plot.
+
+  Returns:
+    The final train state (replicated over all devices).
+
+  Raises:
+    config_check.ConfigError: on an invalid config value.
+    input_pipeline.DatasetError: if the dataset's files are missing or malformed.
+    checkpointing.CheckpointMismatchError: if the work directory holds a checkpoint of another
+      model or data stream.
+  """
+  config_check.validate_config(config)
+  dataset = input_pipeline.load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                                        test_fraction=config.test_fraction)
+  num_train = len(dataset.train_labels)
+  config_check.validate_config(config, num_train_examples=num_train)
+  full_epoch_steps = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  steps_per_epoch = (full_epoch_steps if config.steps_per_epoch == -1
+                     else min(config.steps_per_epoch, full_epoch_steps))
+  num_steps = config.num_epochs * steps_per_epoch
+  schedule = loop.Schedule(
+      steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs,
+      stop_step=min(num_steps, config.stop_at_step) if config.stop_at_step else num_steps,
+      log_every_steps=config.log_every_steps,
+      checkpoint_every_epochs=config.checkpoint_every_epochs)
+
+  os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, reporting.METRICS_FILE)
+  mesh = parallel.create_mesh()
+  logging.info("Training %s with %s on %s: %d train / %d test examples, %d steps per epoch, "
+               "on %s.", config.model, NORM_LABELS[config.norm], config.dataset, num_train,
+               len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
+
+  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
+  learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
+  state = parallel.replicate(functools.partial(
+      steps.create_train_state, jax.random.key(config.seed), config, model, dataset.image_shape,
+      learning_rate_fn), mesh)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                            run_description(config, steps_per_epoch))
+  totals = metrics.EpochTotals()
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state, progress = restored
+    totals = metrics.EpochTotals.from_progress(progress)
+    logging.info("Resumed from %s (epoch %d, batch %d of %d).",
+                 checkpointer.path(progress["step"]), progress["epoch"] + 1,
+                 progress["batch_in_epoch"], steps_per_epoch)
+  start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    reporting.truncate_metrics(metrics_path, start_step)
+  if start_step >= num_steps:
+    logging.info("The checkpoint at step %d already finished the %d steps of this config; delete "
+                 "%s to train again.", start_step, num_steps, workdir)
+
+  eval_fn = parallel_eval_step(mesh, fast_compile=config.fast_compile)
+  batches = (parallel.shard_batch(batch, mesh, config.batch_size)
+             for batch in input_pipeline.train_batches(
+                 dataset, global_batch_size=config.batch_size, seed=config.seed,
+                 start_step=start_step, batches_per_epoch=steps_per_epoch,
+                 rows=parallel.process_rows(mesh, config.batch_size), augment=config.augment))
+  state = loop.run(
+      state, start_step=start_step, schedule=schedule,
+      train_fn=parallel_train_step(mesh, fast_compile=config.fast_compile), batches=batches,
+      evaluate_fn=lambda state: evaluate(eval_fn, state, dataset, mesh, config.eval_batch_size),
+      epoch_fields=lambda step: {"learning_rate": float(learning_rate_fn(step - 1)),
+                                 "norm": config.norm},
+      checkpointer=checkpointer, totals=totals, metrics_path=metrics_path,
+      progress_bar=config.progress_bar)
+  if jax.process_index() == 0:
+    records = reporting.read_metrics(metrics_path)
+    if records:
+      reporting.plot_learning_curves(
+          {NORM_LABELS[config.norm]: records}, os.path.join(workdir, reporting.PLOT_FILE),
+          title=f"{config.model} on {config.dataset}")
+  return state
+
+
+def compare_norms(config: ml_collections.ConfigDict,
+                  workdir: str) -> dict[str, steps.TrainState]:
+  """Trains the same model once per entry of ``config.compare_norms`` and plots them together.
+
+  Each run has its own work directory, ``workdir/<norm>``, and resumes on its own; the comparison
+  plot is ``workdir/comparison.png``.
+
+  Returns:
+    ``{norm: final train state}``.
+  """
+  config_check.validate_config(config)
+  if not config.compare_norms:
+    raise config_check.ConfigError(
+        "config.compare_norms = (): list the normalisations to compare, e.g. "
+        "--config.compare_norms=\"('bnjax', 'none')\".")
+  states = {}
+  for norm in config.compare_norms:
+    run_config = config.copy_and_resolve_references()
+    with run_config.unlocked():
+      run_config.norm = norm
+      run_config.compare_norms = ()
+    states[norm] = train_and_evaluate(run_config, os.path.join(workdir, norm))
+  if jax.process_index() == 0:
+    runs = {NORM_LABELS[norm]: reporting.read_metrics(
+        os.path.join(workdir, norm, reporting.METRICS_FILE)) for norm in config.compare_norms}
+    reporting.plot_learning_curves(
+        runs, os.path.join(workdir, reporting.COMPARISON_PLOT_FILE),
+        title=f"{config.model} on {config.dataset}: what batch norm does")
+  return states
+
+
+def latest_checkpoint(workdir: str) -> str | None:
+  """The directory of the newest checkpoint of the run in `workdir`, or None."""
+  return checkpointing.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR))

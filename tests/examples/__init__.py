@@ -1,0 +1,1 @@
+"""Tests of the training example (bnjax_examples/, configs/)."""
