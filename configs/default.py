@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = "CNN"  # One of: CNN, ResNet.
   config.cnn = ml_collections.ConfigDict({"features": (32, 64), "hidden": 256})
   config.resnet = ml_collections.ConfigDict({"stage_sizes": (2, 2, 2), "num_filters": 16})
-  config.norm = "bnjax"  # One of: bnjax, flax (flax.linen.BatchNorm), none.
+  # One of: bnjax, flax (flax.linen.BatchNorm), layer, group, instance, rms (bnjax's per-example
+  # norms, `bnjax_examples.models.PerExampleNorm`), none.
+  config.norm = "bnjax"
   # Comparison mode: train once per entry and plot them together, e.g. ("bnjax", "none").
   config.compare_norms = ()
   # 0.9 rather than Flax's 0.99: with a few hundred steps, 0.99 leaves the running averages
