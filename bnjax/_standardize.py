@@ -335,3 +335,12 @@ _JITTED = {True: jax.jit(train_custom_vjp, static_argnums=0),
 def jitted_train(custom_vjp: bool):
   """`train_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
   return _JITTED[bool(custom_vjp)]
+
+
+# As `jitted_train`, for layer, group, instance and RMS norm (`train_norm_custom_vjp`).
+_JITTED_NORM = {True: jax.jit(train_norm_custom_vjp, static_argnums=0), False: _JITTED[False]}
+
+
+def jitted_norm_train(custom_vjp: bool) -> Callable[..., Any]:
+  """`train_norm_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
+  return _JITTED_NORM[bool(custom_vjp)]

@@ -402,6 +402,8 @@ def _normalize_over(params: Any, x: jax.Array, *, reduce_axes: tuple[int, ...],
   epsilon = jnp.asarray(epsilon, stats_dtype)
 
   devices = 1
+  if isinstance(axis_name, list):  # a static key of the compiled program: hashable.
+    axis_name = tuple(axis_name)
   if axis_name is not None:
     size = distributed.axis_size(axis_name)
     if axis_index_groups is not None:
@@ -435,7 +437,9 @@ def _normalize_over(params: Any, x: jax.Array, *, reduce_axes: tuple[int, ...],
   # its output is `bias` and its gradients are finite (0 for x).
   no_data_mean = jnp.zeros(stats_shape, stats_dtype)
   no_data_var = jnp.full(stats_shape, jnp.inf, stats_dtype)
-  train_fn = _standardize.train_norm_custom_vjp if custom_vjp else _standardize.train
+  # One compiled program per configuration: eager calls do not dispatch op by op; inside an outer
+  # `jit` it is inlined.
+  train_fn = _standardize.jitted_norm_train(custom_vjp)
   y, _ = train_fn(config, x, mask, scale, bias, lax.stop_gradient(no_data_mean),
                   lax.stop_gradient(no_data_var), epsilon)
   return y
