@@ -317,7 +317,7 @@ def test_vmapped_forward_passes_within_budget():
   assert count.passes <= VMAP_FORWARD_PASSES, count
 
 
-# ----------------------------------------------------------------------------- the normalization family
+# ----------------------------------------------------------------------------- normalization family
 # Layer norm on a (64, 256) float32 input (one row per example), group norm (8 groups) on
 # (8, 8, 8, 64); forward+backward is a `jax.vjp` returning (y, dparams, dx). "fast" and "worst" as
 # for batch norm. Today's counts, with Flax's default (inexact) layers for comparison:
@@ -338,7 +338,7 @@ NORM_BUDGETS = {
     ("group", "forward_backward", "worst"): Budget(passes=10, reads=12, writes=3),
 }
 NORM_CASES = {
-    "layer": ((64, 256), lambda p, x: bnjax.layer_norm(p, x), 256),
+    "layer": ((64, 256), bnjax.layer_norm, 256),
     "group": ((8, 8, 8, 64), lambda p, x: bnjax.group_norm(p, x, num_groups=8), 64),
 }
 
