@@ -4,6 +4,7 @@
   .venv/bin/python benchmarks/bench.py --quick      # one small shape, every peer (~2 min)
   .venv/bin/python benchmarks/bench.py --smoke      # tiny shape, bnjax and Flax only (< 1 min)
   .venv/bin/python benchmarks/bench.py --allocator glibc --out /tmp/RESULTS.md
+  .venv/bin/python benchmarks/bench.py --comparison whitening --out benchmarks/RESULTS-whitening.md
 
 Writes ``--out`` (default benchmarks/RESULTS.md; RESULTS-quick.md with --quick; a new temporary
 directory with --smoke), a chart and the raw measurements next to it (same name, .png and .json);
@@ -91,7 +92,7 @@ def _optional_modules(plan: cases.Plan) -> tuple[str, ...]:
 
 def worker_main(args, plan: cases.Plan) -> None:
   """Runs the whole suite under the allocator this process was started with; writes JSON."""
-  from benchmarks import programs, models  # pylint: disable=import-outside-toplevel  (JAX)
+  from benchmarks import programs, models, peers  # pylint: disable=import-outside-toplevel
   optional = _optional_modules(plan)
   cores = machine.cores()
   missing = machine.importable(optional)
@@ -111,9 +112,14 @@ def worker_main(args, plan: cases.Plan) -> None:
   started = time.perf_counter()
   if args.float32_only:
     plan = dataclasses.replace(plan, dtypes=("float32",))
-  result["micro"] = programs.micro_benchmarks(plan, missing, log)
+  comparisons = (peers.COMPARISONS if args.comparison is None
+                 else (peers.comparison(args.comparison),))
+  result["micro"] = programs.micro_benchmarks(plan, missing, log, comparisons)
   log(f"micro-benchmarks: {time.perf_counter() - started:.0f}s")
-  if not args.only_micro:
+  if peers.WHITENING in comparisons:
+    result["whitening_stages"] = programs.whitening_stages(plan, log)
+    log(f"whitening stages: {time.perf_counter() - started:.0f}s")
+  if not args.only_micro and args.comparison is None:
     result["stack_memory"] = [
         programs.stack_memory(shape, plan.stack_layers, plan.stack_implementations, missing)
         for shape in plan.stack_shapes]
@@ -174,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="only rewrite the report and chart from a saved .json")
   parser.add_argument("--allocator", choices=("both", "glibc", "tcmalloc"), default=None,
                       help="the allocators to measure (default: both; glibc with --smoke)")
+  parser.add_argument("--comparison", metavar="NAME", default=None,
+                      help="run only this comparison's micro-benchmarks (e.g. 'whitening', with "
+                           "its breakdown by stage), without the stack, ResNet and devices parts")
   parser.add_argument("--worker", choices=("main", "devices"), help=argparse.SUPPRESS)
   parser.add_argument("--json", help=argparse.SUPPRESS)
   parser.add_argument("--only-micro", action="store_true", help=argparse.SUPPRESS)
@@ -239,6 +248,8 @@ def run_all(args, plan: cases.Plan, argv: list[str]) -> int:
       arguments = ["--worker", "main", "--allocator", allocator, "--json", path]
       if plan.name != names.FULL and runs:  # a short run exercises the rest and bf16 once.
         arguments += ["--only-micro", "--float32-only"]
+      if args.comparison is not None:
+        arguments += ["--comparison", args.comparison]
       if _run_child(arguments + _plan_flags(plan), env) != 0:
         notes.append(f"the {allocator} run failed; see the console log.")
         continue
@@ -247,7 +258,7 @@ def run_all(args, plan: cases.Plan, argv: list[str]) -> int:
   if not runs:
     log("no run succeeded")
     return 1
-  scaling_records = _scaling(plan, notes)
+  scaling_records = _scaling(plan, notes) if args.comparison is None else []
   meta = {"notes": notes, "revision": machine.git_revision(),
           "seconds": time.perf_counter() - started,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -40,3 +40,21 @@ EPSILON = 1e-5
 FULL = "full"
 QUICK = "quick"
 SMOKE = "smoke"
+
+# Whitening (`peers.WHITENING`): one row per method and group size ("iterative g64"), the plain
+# autodiff ZCA through `jnp.linalg.eigh` ("zca g64 eigh autodiff"), and bnjax's batch norm,
+# which every ratio divides by. The full plan times it on these shapes, float32 only.
+WHITENING = "whitening"
+WHITENING_REFERENCE = "bnjax batch_norm"
+WHITENING_METHODS = ("iterative", "zca", "cholesky", "pca")
+WHITENING_GROUPS = (64, 16)
+WHITENING_SHAPES = ((128, 16, 16, 256), (4096, 1024))
+VS_BATCH_NORM = "vs_batch_norm"
+# The stages timed on their own for the breakdown (`programs.whitening_stages`).
+WHITENING_STAGES = ("covariance", "matrix function (iterative)", "matrix function (zca)",
+                    "product", "whole layer (iterative)")
+
+
+def whitening_row(method: str, group: int, eigh_autodiff: bool = False) -> str:
+  """The row name of a whitening implementation."""
+  return f"{method} g{group}" + (" eigh autodiff" if eigh_autodiff else "")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import bnjax
+import bnjax.whitening
 from benchmarks import names
 from benchmarks.names import (AUTODIFF_REFERENCE, BNJAX, EPSILON, EQUINOX, FLAX, FLAX_EXACT, FLOOR,
                               FLOOR_STATS, HAIKU, MOMENTUM, NNX, TORCH_CL, TORCH_NCHW)
@@ -83,6 +84,9 @@ class Comparison:
       the same round, as a median over rounds.
     shown: the ratio keys printed in the report's cells, and `shown_label` how the heading names
       them.
+    full_shapes: the shapes it runs on in the full plan, instead of `cases.SHAPES` (None: those);
+      the quick and smoke plans always use their own small shapes.
+    dtypes: the dtypes it runs in (None: the plan's).
   """
 
   name: str
@@ -91,6 +95,18 @@ class Comparison:
   references: Mapping[str, str]
   shown: tuple[str, ...]
   shown_label: str
+  full_shapes: tuple[Shape, ...] | None = None
+  dtypes: tuple[str, ...] | None = None
+
+  def shapes_for(self, plan) -> tuple[Shape, ...]:
+    """Its shapes in `plan`: `full_shapes` in the full plan when set, else the plan's."""
+    if self.full_shapes is not None and plan.name == names.FULL:
+      return self.full_shapes
+    return plan.shapes
+
+  def dtypes_for(self, plan) -> tuple[str, ...]:
+    """The plan's dtypes, restricted to `dtypes` when set."""
+    return tuple(d for d in plan.dtypes if self.dtypes is None or d in self.dtypes)
 
   @property
   def subject(self) -> str:
@@ -317,6 +333,68 @@ BATCH_NORM = Comparison(
     shown=(names.VS_FLAX, names.VS_FLOOR), shown_label="× Flax default, × floor")
 
 
+
+# ============================================================================ whitening
+
+
+def bnjax_whitening(method: str, group: int) -> Callable[[Shape, str], JaxLayer]:
+  """A builder of `bnjax.whitening_batch_norm` with `method` and `group` channels per group."""
+
+  def build(shape: Shape, dtype_name: str) -> JaxLayer:
+    del dtype_name  # parameters and statistics are float32.
+    params, state = bnjax.whitening.init_whitening(shape[-1], group_size=group)
+
+    def apply(x, params, state):
+      return bnjax.whitening.whitening_batch_norm(params, state, x, True, group_size=group,
+                                                  method=method, momentum=MOMENTUM,
+                                                  epsilon=EPSILON)
+
+    return JaxLayer(apply, params, state)
+
+  return build
+
+
+def eigh_autodiff_zca(group: int) -> Callable[[Shape, str], JaxLayer]:
+  """The straightforward ZCA layer: two-pass statistics in `jnp`, ``jnp.linalg.eigh`` and JAX's
+  autodiff through all of it (its eigenvector derivative divides by eigenvalue gaps)."""
+
+  def build(shape: Shape, dtype_name: str) -> JaxLayer:
+    channels = shape[-1]
+    size = min(group, channels)
+    params = _floor_params(shape, dtype_name)
+
+    def apply(x, params, state):
+      rows = x.reshape(-1, channels // size, size).astype(jnp.float32)
+      centred = rows - jnp.mean(rows, axis=0, keepdims=True)
+      covariance = jnp.einsum("mgi,mgj->gij", centred, centred) / rows.shape[0]
+      eigenvalues, vectors = jnp.linalg.eigh(covariance + EPSILON * jnp.eye(size)[None])
+      w = jnp.einsum("gik,gk,gjk->gij", vectors, jax.lax.rsqrt(eigenvalues), vectors)
+      y = jnp.einsum("gij,mgj->mgi", w, centred).reshape(x.shape)
+      scale, bias = params
+      return (y * scale + bias).astype(x.dtype), state
+
+    return JaxLayer(apply, params, ())
+
+  return build
+
+
+WHITENING_IMPLEMENTATIONS = tuple(
+    Implementation(names.whitening_row(method, group),
+                   f"`bnjax.whitening_batch_norm(method={method!r}, group_size={group})`",
+                   build=bnjax_whitening(method, group))
+    for method in names.WHITENING_METHODS for group in names.WHITENING_GROUPS) + tuple(
+    Implementation(names.whitening_row("zca", group, eigh_autodiff=True),
+                   f"ZCA with groups of {group} in plain `jnp` (`jnp.linalg.eigh`), "
+                   "differentiated by JAX's autodiff", build=eigh_autodiff_zca(group))
+    for group in names.WHITENING_GROUPS) + (
+    Implementation(names.WHITENING_REFERENCE, "`bnjax.batch_norm`, the reference of the ratios",
+                   build=bnjax_batch_norm),)
+
+WHITENING = Comparison(
+    name=names.WHITENING, heading="whitening", implementations=WHITENING_IMPLEMENTATIONS,
+    references={names.VS_BATCH_NORM: names.WHITENING_REFERENCE}, shown=(names.VS_BATCH_NORM,),
+    shown_label="× bnjax batch norm", full_shapes=names.WHITENING_SHAPES, dtypes=("float32",))
+
 # ============================================================================ normalization family
 # Per-example norms: no running statistics, so `state` is () and passes through. Each is compared
 # with Flax's linen layer on the same shapes (features last), at its default (the fast variance
@@ -391,20 +469,23 @@ _FAMILY_REFERENCES = {names.VS_FLAX: FLAX}
 LAYER_NORM = Comparison(
     name="layer norm", heading="layer norm",
     implementations=_implementations(bnjax_layer_norm, nn.LayerNorm, "flax.linen.LayerNorm"),
-    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default")
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((4096, 1024), (16, 512, 1024)))
 GROUP_NORM = Comparison(
     name="group norm", heading="group norm (32 groups, or gcd(32, C))",
     implementations=_implementations(bnjax_group_norm, nn.GroupNorm, "flax.linen.GroupNorm",
                                      num_groups=_groups),
-    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default")
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((128, 16, 16, 256),))
 RMS_NORM = Comparison(
     name="rms norm", heading="RMS norm",
     implementations=_implementations(bnjax_rms_norm, nn.RMSNorm, "flax.linen.RMSNorm",
                                      use_bias=False, exact_peer=False),
-    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default")
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((4096, 1024),))
 
 # Every comparison the micro-benchmarks run, in report order.
-COMPARISONS = (BATCH_NORM, LAYER_NORM, GROUP_NORM, RMS_NORM)
+COMPARISONS = (BATCH_NORM, WHITENING, LAYER_NORM, GROUP_NORM, RMS_NORM)
 
 # The stack-memory table: batch norm's JAX rows that keep something, and plain autodiff.
 STACK_IMPLEMENTATIONS = tuple(

@@ -124,21 +124,23 @@ def micro_case(comparison: peers.Comparison, plan: Plan, shape, dtype_name: str,
   return entries
 
 
-def micro_benchmarks(plan: Plan, missing: dict[str, str | None], log) -> list[dict]:
+def micro_benchmarks(plan: Plan, missing: dict[str, str | None], log,
+                     comparisons: tuple[peers.Comparison, ...] = peers.COMPARISONS) -> list[dict]:
   """One entry per (comparison, shape, dtype, mode) of `plan`: the "micro" list of a run."""
   results = []
-  for comparison in peers.COMPARISONS:
-    for shape in plan.shapes:
-      for dtype_name in plan.dtypes:
+  for comparison in comparisons:
+    for shape in comparison.shapes_for(plan):
+      for dtype_name in comparison.dtypes_for(plan):
         started = time.perf_counter()
         for entry in micro_case(comparison, plan, shape, dtype_name, missing):
           results.append(entry)
           subject = entry["impls"].get(comparison.subject, {})
           title = f"{comparison.heading}: " if comparison.heading else ""
+          key = comparison.shown[0]
           log(f"  {title}{entry['mode']:17s} {str(shape):20s} {dtype_name:9s} "
               f"{entry['rounds']:3d} rounds {time.perf_counter() - started:6.1f}s  "
               f"{comparison.subject} {subject.get('median_ms', float('nan')):.2f} ms, "
-              f"{subject.get(names.VS_FLAX, float('nan')):.2f}x flax")
+              f"{subject.get(key, float('nan')):.2f}x ({key})")
   return results
 
 
@@ -179,3 +181,102 @@ def stack_memory(shape, layers: int, only: tuple[str, ...] | None,
       continue
     out["impls"][impl.name] = hlo.memory(compiled)
   return out
+
+
+# ============================================================================ whitening stages
+
+
+def _whitening_stage_programs(shape, group, mode):
+  """{stage: (program, arguments)} for one case and mode: the layer's work, stage by stage.
+
+  * covariance: the rows shifted by the data pivot, transposed with the group axis first, their
+    sums and cross products (the same work in both modes: its backward is part of the products);
+  * matrix function: ``W`` from the [G, d, d] covariances, and in forward+backward the `jax.vjp`
+    the closed-form backward applies to it;
+  * product: ``y = scale · W rows + bias`` back in row order, and in forward+backward the
+    backward's work over the rows: ``dy`` transposed, ``sum(dy rows^T)``, ``W^T (scale dy)``,
+    ``P rows`` and their sum transposed back;
+  * the whole layer (IterNorm), for scale.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from bnjax import stats, whitening  # pylint: disable=import-outside-toplevel
+  highest = jax.lax.Precision.HIGHEST
+  channels = shape[-1]
+  layout = whitening.group_layout(channels, group)
+  rows = int(np.prod(shape[:-1]))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((rows, layout.groups, layout.size), np.float32))
+  dy = jnp.asarray(rng.standard_normal((rows, layout.groups, layout.size), np.float32))
+  rows_T = jnp.transpose(x, (1, 0, 2))
+  a = rng.standard_normal((layout.groups, layout.size, layout.size)).astype(np.float32)
+  covariance = jnp.asarray(np.eye(layout.size) + np.einsum("gij,gkj->gik", a, a) / layout.size,
+                           jnp.float32)
+  w = jnp.asarray(np.linalg.inv(np.linalg.cholesky(np.asarray(covariance))), jnp.float32)
+  scale = jnp.ones((layout.groups, layout.size))
+  backward = mode == names.FORWARD_BACKWARD
+
+  def covariance_stage(x):
+    moments, shifted = stats.local_covariance(x, None)
+    return moments.cross, shifted
+
+  def matrix_stage(method):
+    def matrix(c, w_bar):
+      fn = lambda c: whitening.whitening_matrix(c, method=method, epsilon=names.EPSILON)
+      if not backward:
+        return fn(c)
+      out, vjp = jax.vjp(fn, c)
+      return out, vjp(w_bar)
+    return matrix
+
+  def product_stage(w, rows_T, scale, dy):
+    z = jnp.einsum("gij,gmj->gmi", w, rows_T, precision=highest)
+    y = jnp.transpose(z, (1, 0, 2)) * scale[None] + scale[None]
+    if not backward:
+      return y
+    dy_T = jnp.transpose(dy, (1, 0, 2))
+    cross = jnp.einsum("gmi,gmj->gij", dy_T, rows_T, precision=highest)
+    through_output = jnp.einsum("gij,gmi->gmj", w, dy_T, precision=highest)
+    through_covariance = jnp.einsum("gij,gmj->gmi", w, rows_T, precision=highest)
+    dx = jnp.transpose(through_output + through_covariance, (1, 0, 2))
+    return y, cross, jnp.sum(dy, axis=0), dx
+
+  params, state = whitening.init_whitening(channels, group_size=group)
+
+  def layer(x, params, dy):
+    fn = lambda x, params: whitening.whitening_batch_norm(
+        params, state, x.reshape(rows, channels), True, group_size=group, method="iterative")[0]
+    if not backward:
+      return fn(x, params)
+    y, vjp = jax.vjp(fn, x, params)
+    return y, vjp(dy.reshape(rows, channels))
+
+  return {
+      "covariance": (covariance_stage, (x,)),
+      "matrix function (iterative)": (matrix_stage("iterative"), (covariance, w)),
+      "matrix function (zca)": (matrix_stage("zca"), (covariance, w)),
+      "product": (product_stage, (w, rows_T, scale, dy)),
+      "whole layer (iterative)": (layer, (x, params, dy)),
+  }
+
+
+def whitening_stages(plan: Plan, log) -> list[dict]:
+  """Where the whitening layer's time goes: each stage compiled and timed on its own.
+
+  Forward and forward+backward, interleaved in rounds with the whole layer, for every shape of
+  the whitening comparison and every group size (see `_whitening_stage_programs`).
+  """
+  results = []
+  for shape in peers.WHITENING.shapes_for(plan):
+    for group in names.WHITENING_GROUPS:
+      for mode in names.MODES:
+        runs = {}
+        for name, (fn, args) in _whitening_stage_programs(shape, group, mode).items():
+          compiled = compile_program(jax.jit(fn), args, fast=plan.fast_compile)
+          runs[name] = functools.partial(call, compiled, args)
+        rounds = plan.rounds_for(shape)
+        summary = timing.summarise(timing.round_robin(runs, rounds), {})
+        results.append({"shape": list(shape), "group": group, "mode": mode, "rounds": rounds,
+                        "stages": summary})
+        log(f"  whitening stages {mode:17s} {str(shape):20s} g{group:<3d} " + ", ".join(
+            f"{k} {v['median_ms']:.1f} ms" for k, v in summary.items()))
+  return results

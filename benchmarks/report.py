@@ -105,6 +105,12 @@ def _targets(runs):
       two = devices[2]["impls"].get(name, {}).get("median_ms")
       add("sharded over 2 simulated devices ≤ 1.15× one device (bnjax layer fwd+bwd)",
           [two / one if one and two else None], 1.15)
+    whitening_case = _find(run, names.WHITENING_SHAPES[0], "float32", MODES[1], names.WHITENING)
+    if whitening_case is not None:
+      add(f"whitening: {names.whitening_row('iterative', 64)} fwd+bwd ≤ 3× bnjax batch norm "
+          f"({_shape(names.WHITENING_SHAPES[0])})",
+          [whitening_case["impls"].get(names.whitening_row("iterative", 64), {}).get(
+              names.VS_BATCH_NORM)], 3.0)
   memory = runs[0].get("stack_memory", [])
   if memory:
     stack = memory[0]
@@ -142,6 +148,29 @@ def _micro_tables(run, comparison, lines):
       lines.append("")
       lines.append(f"Rounds per case: {', '.join(map(str, rounds))}.")
       lines.append("")
+
+
+def _whitening_stages_table(run, lines):
+  """Where the whitening layer's time goes: its stages timed on their own (median ms)."""
+  entries = run.get("whitening_stages") or []
+  if not entries:
+    return
+  for mode in reversed(MODES):
+    cases = [e for e in entries if e["mode"] == mode]
+    lines += [f"#### whitening by stage: {mode}, float32: median ms", "",
+              "| stage | " + " | ".join(f"{_shape(e['shape'])} g{e['group']}" for e in cases)
+              + " |", "|---|" + "---|" * len(cases)]
+    for stage in names.WHITENING_STAGES:
+      lines.append(f"| {stage} | " + " | ".join(
+          f"{e['stages'][stage]['median_ms']:.2f}" if stage in e["stages"] else "—"
+          for e in cases) + " |")
+    lines += ["", "Each stage compiled and timed on its own, interleaved with the whole layer: the "
+              "covariance (rows shifted by the data pivot and transposed with the group axis "
+              "first, their sums and cross products; the same in both modes), the matrix "
+              "function on the [G, d, d] covariances (and its `vjp`), and the products over the "
+              "rows (forward: W·rows back in row order with the affine part; forward+backward "
+              "adds the closed-form backward's work: dy transposed, Σ dy·rowsᵀ, Wᵀ(scale·dy), "
+              "P·rows and their sum transposed back).", ""]
 
 
 def _allocator_table(runs, lines):
@@ -473,6 +502,7 @@ def write(out, chart_path, runs, *, notes, date, revision, command, seconds, sca
     lines += [f"### Allocator: {run['allocator']}", ""]
     for comparison in peers.COMPARISONS:
       _micro_tables(run, comparison, lines)
+    _whitening_stages_table(run, lines)
   _allocator_table(runs, lines)
   lines += ["## What XLA compiled (float32)", "",
             "Full-size passes: kernels of the compiled program that read or write an array of "

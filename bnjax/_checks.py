@@ -3,13 +3,14 @@
 Each error names the argument, the value expected and the value received, and says how to fix it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
 import numbers
 from typing import Any, NoReturn
 
 import chex
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +23,7 @@ def fail(where: str, message: str, exception_type: type[Exception] = ValueError)
 
 def canonical_axes(ndim: int, axis: int | Sequence[int], where: str) -> tuple[int, ...]:
   """Returns `axis` as a sorted tuple of non-negative ints, or raises naming `axis`."""
+  axes: tuple[Any, ...]
   if isinstance(axis, numbers.Integral):
     axes = (axis,)
   elif isinstance(axis, Sequence):
@@ -33,7 +35,7 @@ def canonical_axes(ndim: int, axis: int | Sequence[int], where: str) -> tuple[in
   for a in axes:
     if isinstance(a, bool) or not isinstance(a, numbers.Integral):
       fail(where, f"`axis` must be an int or a tuple of ints; got {axis!r}.", TypeError)
-    if not -ndim <= a < ndim:
+    if not -ndim <= int(a) < ndim:
       fail(where, f"`axis` {a} is out of range for `x` of rank {ndim}; "
             f"expected a value in [{-ndim}, {ndim - 1}].")
   canonical = tuple(sorted({int(a) % ndim for a in axes}))
@@ -78,7 +80,8 @@ def check_hyperparameters(momentum: Any, epsilon: Any, where: str) -> None:
                 "finite (Flax and PyTorch use 1e-5)", lambda v: v > 0.0)
 
 
-def _check_number(value: Any, name: str, where: str, expected: str, in_range) -> None:
+def _check_number(value: Any, name: str, where: str, expected: str,
+                  in_range: Callable[[np.ndarray], np.ndarray]) -> None:
   if isinstance(value, jax.core.Tracer):
     return
   if value is None or isinstance(value, (str, bytes, bool, dict)):
@@ -110,10 +113,11 @@ def check_params_and_state(params: Any, state: Any, where: str) -> None:
     fail(where, f"`{name}` must have the fields {fields}; got {hint}.", TypeError)
 
 
-def check_feature_shapes(params, state, feature_shape: tuple[int, ...], x_shape, axes,
-                         where: str) -> None:
+def check_feature_shapes(params: Any, state: Any, feature_shape: tuple[int, ...],
+                         x_shape: tuple[int, ...], axes: Any, where: str) -> None:
   """Every parameter and statistic must have exactly the feature shape of `x`."""
-  fix = (f"Create them with `bnjax.init({feature_shape if len(feature_shape) > 1 else feature_shape[0]})` "
+  shown = feature_shape[0] if len(feature_shape) == 1 else feature_shape
+  fix = (f"Create them with `bnjax.init({shown})` "
          f"or pass the `axis` they were made for.")
   named = [("params.scale", params.scale), ("params.bias", params.bias),
            ("state.mean", state.mean), ("state.var", state.var)]
@@ -139,7 +143,7 @@ def mask_to_rank(mask: Any, x_shape: tuple[int, ...], where: str) -> jax.Array:
     fail(where, f"`mask` of shape {mask.shape} has more dimensions than `x` of shape "
           f"{tuple(x_shape)}; expected a shape broadcastable to {tuple(x_shape)}.")
   shape = (1,) * (len(x_shape) - mask.ndim) + tuple(mask.shape)
-  for m, s in zip(shape, x_shape):
+  for m, s in zip(shape, x_shape, strict=True):
     if m not in (1, s):
       fail(where, f"`mask` of shape {tuple(mask.shape)} does not broadcast to `x` of shape "
             f"{tuple(x_shape)}; expected each dimension to be 1 or the size of `x`'s.")
@@ -161,9 +165,10 @@ def check_values_per_channel(local_count: Any, devices: int, where: str) -> None
          "Export with a constraint that makes it decidable, e.g. "
          "`jax.export.symbolic_shape('b', constraints=['b >= 2'])`.")
   if too_few:
-    fail(where, f"expected more than 1 value per channel when training, got {local_count * devices} "
-         f"({local_count} per device x {devices} device(s)). The variance of one value is 0, so "
-         "the output would be `bias` whatever the input: use a larger batch, or `train=False`.")
+    fail(where, "expected more than 1 value per channel when training, got "
+         f"{local_count * devices} ({local_count} per device x {devices} device(s)). "
+         "The variance of one value is 0, so the output would be `bias` whatever the input: "
+         "use a larger batch, or `train=False`.")
 
 
 def static_count(x_shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> int:

@@ -1,5 +1,7 @@
-"""One batch-norm layer's variables as `BatchNormParams`/`BatchNormState`, from either those
-NamedTuples or the dicts a Flax variable tree holds (``{'scale', 'bias'}``, ``{'mean', 'var'}``).
+"""One batch-norm layer's variables as `BatchNormParams`/`BatchNormState`.
+
+From either those NamedTuples or the dicts a Flax variable tree holds (``{'scale', 'bias'}``,
+``{'mean', 'var'}``).
 
 Imports no flax: the deployment and interop tools use it.
 """
@@ -7,7 +9,8 @@ Imports no flax: the deployment and interop tools use it.
 from collections.abc import Mapping
 from typing import Any
 
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 
 def as_params(params: Any, where: str) -> BatchNormParams:

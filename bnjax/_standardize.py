@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 from bnjax import distributed
 from bnjax import stats
-from bnjax.stats import Moments
+
+Array = jax.Array
 
 
 class TrainConfig(NamedTuple):
@@ -55,15 +56,16 @@ class TrainConfig(NamedTuple):
   centred: bool = True
 
 
-def centre(x, mask, centre_, delta):
-  """``(x - centre) - delta``; a non-finite value at a masked position is replaced by the mean first."""
+def centre(x: Array, mask: Array | None, centre_: Array, delta: Array | None) -> Array:
+  """``(x - centre) - delta``; a non-finite masked value is replaced by the mean first."""
   if mask is not None:
     fill = centre_ if delta is None else centre_ + delta
     x = jnp.where(mask | jnp.isfinite(x), x, fill)
   return x - centre_ if delta is None else (x - centre_) - delta
 
 
-def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
+def normalize(x: Array, mask: Array | None, centre_: Array, delta: Array | None, var: Array,
+              scale: Array | None, bias: Array | None, epsilon: Array) -> Array:
   """``scale * ((x - centre) - delta) / sqrt(var + epsilon) + bias``, masked values made safe.
 
   ``delta`` may be None (evaluation), ``scale`` and ``bias`` None (no affine part). Every
@@ -74,7 +76,8 @@ def normalize(x, mask, centre_, delta, var, scale, bias, epsilon):
   return y if bias is None else y + bias
 
 
-def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
+def _statistics(config: TrainConfig, x: Array, mask: Array | None, fallback_mean: Array,
+                fallback_var: Array) -> tuple[stats.Moments, Array, Array, Array]:
   """Global moments, and the centre, delta and variance to normalise with.
 
   Channels without any valid value are normalised with the fallback (running) statistics.
@@ -99,7 +102,9 @@ def _statistics(config: TrainConfig, x, mask, fallback_mean, fallback_var):
   return moments, centre_, delta, var
 
 
-def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def train(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+          bias: Array | None, fallback_mean: Array, fallback_var: Array,
+          epsilon: Array) -> tuple[Array, stats.Moments]:
   """Training-mode standardisation, differentiated by JAX's autodiff. Returns ``(y, moments)``."""
   x = x.astype(config.stats_dtype)
   moments, centre_, delta, var = _statistics(config, x, mask, fallback_mean, fallback_var)
@@ -108,7 +113,9 @@ def train(config: TrainConfig, x, mask, scale, bias, fallback_mean, fallback_var
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def train_custom_vjp(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+                     bias: Array | None, fallback_mean: Array, fallback_var: Array,
+                     epsilon: Array) -> tuple[Array, stats.Moments]:
   """`train` with the closed-form backward; the statistics it returns carry no gradient.
 
   `fallback_mean` and `fallback_var` must carry no gradient (the caller stops it).
@@ -116,7 +123,9 @@ def train_custom_vjp(config, x, mask, scale, bias, fallback_mean, fallback_var, 
   return train(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon)
 
 
-def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilon):
+def _train_fwd(config: TrainConfig, x: Array, mask: Array | None, scale: Array | None,
+               bias: Array | None, fallback_mean: Array, fallback_var: Array,
+               epsilon: Array) -> tuple[tuple[Array, stats.Moments], tuple[Any, ...]]:
   xs = x.astype(config.stats_dtype)
   moments, centre_, delta, var = _statistics(config, xs, mask, fallback_mean, fallback_var)
   y = normalize(xs, mask, centre_, delta, var, scale, bias, epsilon)
@@ -131,12 +140,14 @@ def _train_fwd(config, x, mask, scale, bias, fallback_mean, fallback_var, epsilo
   return (y.astype(config.out_dtype), moments), residuals
 
 
-def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok, scale=None):
-  """This device's ``(sum(g), sum(g * x_hat))``, ``g = dy`` (or ``dy * scale``), over the reduced
-  axes, by the cheapest exact route."""
+def _local_sums(config: TrainConfig, xs: Array, dy: Array, mask: Array | None, centre_: Array,
+                delta: Array, inv_std: Array, raw_sums_ok: Array,
+                scale: Array | None = None) -> tuple[Array, Array]:
+  """This device's ``(sum(g), sum(g * x_hat))``, ``g = dy * scale`` (or ``dy``): cheapest route."""
   axes = config.reduce_axes
 
-  def centred_sums(xs, dy, centre_, delta, inv_std, scale):
+  def centred_sums(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+                   scale: Array | None) -> tuple[Array, Array]:
     x_hat = centre(xs, mask, centre_, delta) * inv_std
     g = dy if scale is None else dy * scale
     return jnp.sum(g, axis=axes, keepdims=True), jnp.sum(g * x_hat, axis=axes, keepdims=True)
@@ -144,8 +155,9 @@ def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok, scal
   if mask is not None:
     return centred_sums(xs, dy, centre_, delta, inv_std, scale)
 
-  def adaptive(xs, dy, centre_, delta, inv_std, raw_sums_ok, scale):
-    def raw_sums(_):
+  def adaptive(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+               raw_sums_ok: Array, scale: Array | None) -> tuple[Array, Array]:
+    def raw_sums(_: Any) -> tuple[Array, Array]:
       # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
       # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean
       # is within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
@@ -157,7 +169,8 @@ def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok, scal
     return lax.cond(raw_sums_ok, raw_sums,
                     lambda _: centred_sums(xs, dy, centre_, delta, inv_std, scale), None)
 
-  def one_pass(xs, dy, centre_, delta, inv_std, raw_sums_ok, scale):
+  def one_pass(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+               raw_sums_ok: Array, scale: Array | None) -> tuple[Array, Array]:
     del raw_sums_ok
     return centred_sums(xs, dy, centre_, delta, inv_std, scale)
 
@@ -165,8 +178,9 @@ def _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok, scal
   return fn(xs, dy, centre_, delta, inv_std, raw_sums_ok, scale)
 
 
-def _train_bwd(config, residuals, cotangents):
-  """dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count), g = scale * dy.
+def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
+               cotangents: tuple[Any, ...]) -> tuple[Any, ...]:
+  """Dx = inv_std * (g - [valid] (sum(g) + x_hat * sum(g * x_hat)) / count), g = scale * dy.
 
   The sums of ``g`` are global (one all-reduce over the named axis). The cotangents of `scale`,
   `bias` and `epsilon` are this device's own sums, summed over the mesh axes they are replicated
@@ -190,7 +204,7 @@ def _train_bwd(config, residuals, cotangents):
                                             config.axis_name, config.axis_index_groups, group)
     unscaled = None
 
-  def param_sum(local_sum, index, sum_axes):
+  def param_sum(local_sum: Array, index: int, sum_axes: tuple[Any, ...]) -> Array:
     if not sum_axes:
       return local_sum
     if reuse and unscaled is not None and frozenset(sum_axes) == named:
@@ -200,7 +214,8 @@ def _train_bwd(config, residuals, cotangents):
   d_scale = None if scale is None else param_sum(sum_dy_xhat, 1, config.scale_sum_axes)
   d_bias = None if bias is None else param_sum(sum_dy, 0, config.bias_sum_axes)
   # dy/d(epsilon) = -scale * x_hat * inv_std**2 / 2 at every position.
-  d_eps_channels = -0.5 * inv_std * inv_std * (sum_dy_xhat if scale is None else sum_dy_xhat * scale)
+  scaled_sum = sum_dy_xhat if scale is None else sum_dy_xhat * scale
+  d_eps_channels = -0.5 * inv_std * inv_std * scaled_sum
   # epsilon is a scalar or has x's rank (per channel).
   d_eps = d_eps_channels if epsilon.ndim else jnp.sum(d_eps_channels)
   d_eps = distributed.sum_over_axes(d_eps.astype(epsilon.dtype), config.epsilon_sum_axes)
@@ -332,7 +347,7 @@ _JITTED = {True: jax.jit(train_custom_vjp, static_argnums=0),
            False: jax.jit(train, static_argnums=0)}
 
 
-def jitted_train(custom_vjp: bool):
+def jitted_train(custom_vjp: bool) -> Any:
   """`train_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
   return _JITTED[bool(custom_vjp)]
 

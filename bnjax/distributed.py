@@ -1,4 +1,4 @@
-"""The one place bnjax talks across devices: every `lax` collective in the library is in this module.
+"""The one place bnjax talks across devices: every `lax` collective of the library is here.
 
 Per-device moments are combined with all-reduces of per-channel power sums around a pivot that
 every device provably shares, so the bytes on the wire do not grow with the device count:
@@ -44,6 +44,7 @@ _COUNT_SPLIT = 4096  # count = high * 4096 + low: both parts sum exactly in floa
 
 
 def axis_names(axis_name: Any) -> tuple[Any, ...]:
+  """`axis_name` as a tuple of axis names (a single name becomes a 1-tuple)."""
   return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
@@ -92,12 +93,16 @@ def partition_matrix(groups: Any, size: int, where: str) -> np.ndarray:
 
 
 def _membership(groups: Any) -> np.ndarray:
-  """`partition_matrix` of already validated groups; the axis size is their total size, so no
-  axis lookup is needed (a custom VJP's backward may run after a `vmap` axis is gone)."""
+  """`partition_matrix` of already validated groups.
+
+  The axis size is their total size, so no axis lookup is needed (a custom VJP's backward may run
+  after a `vmap` axis is gone).
+  """
   return partition_matrix(groups, sum(len(g) for g in groups), "bnjax")
 
 
 def smallest_group(groups: Sequence[Sequence[int]] | None, size: int) -> int:
+  """The number of devices in the smallest group (`size`, the axis size, without groups)."""
   return size if groups is None else min(len(g) for g in groups)
 
 
@@ -115,8 +120,11 @@ def group_index(axis_name: Any, groups: Any) -> jax.Array | None:
 
 def _sum_table(values: jax.Array, axis_name: Any, groups: Any, index: jax.Array | None
                ) -> jax.Array:
-  """All-reduces `values`; with groups, a ``[groups, ...]`` table of each group's sum (one
-  all-reduce, every device receives every group's sum)."""
+  """All-reduces `values`.
+
+  With groups, a ``[groups, ...]`` table of each group's sum (one all-reduce, every device
+  receives every group's sum).
+  """
   if groups is None:
     return lax.psum(values, axis_names(axis_name))
   rows = jnp.arange(len(groups), dtype=jnp.int32) == index
@@ -161,8 +169,11 @@ def _join_count(high: jax.Array, low: jax.Array) -> jax.Array:
 def _round(moments: Moments, pivot: jax.Array, axis_name: Any, groups: Any,
            index: jax.Array | None, count_shape: tuple[int, ...] | None, static_total: Any
            ) -> tuple[Moments, jax.Array]:
-  """One all-reduce of power sums around `pivot`; returns the merged moments and `precise`
-  (a scalar identical on every device: with groups, every group's check together)."""
+  """One all-reduce of power sums around `pivot`.
+
+  Returns the merged moments and `precise` (a scalar identical on every device: with groups, every
+  group's check together).
+  """
   sum_a, sum_sq = stats.power_sums(moments, pivot)
   dtype = sum_sq.dtype
   parts = [sum_a, sum_sq]
@@ -174,10 +185,12 @@ def _round(moments: Moments, pivot: jax.Array, axis_name: Any, groups: Any,
   table = _sum_table(jnp.concatenate([p.reshape(-1) for p in parts]), axis_name, groups, index)
   flat_parts = jnp.split(table, np.cumsum(sizes)[:-1], axis=-1)
   lead = table.shape[:-1]  # (groups,) or ().
-  parts = [p.reshape(lead + s) for p, s in zip(flat_parts, shapes)]
+  parts = [p.reshape(lead + s) for p, s in zip(flat_parts, shapes, strict=True)]
   if count_shape is None:
-    total = (jnp.broadcast_to(static_total, lead + sum_a.shape) if isinstance(static_total, jax.Array)
-             else jnp.full(lead + sum_a.shape, static_total, stats.count_dtype()))
+    if isinstance(static_total, jax.Array):
+      total = jnp.broadcast_to(static_total, lead + sum_a.shape)
+    else:
+      total = jnp.full(lead + sum_a.shape, static_total, stats.count_dtype())
   else:
     total = jnp.broadcast_to(_join_count(parts[2], parts[3]), lead + sum_a.shape)
   every_group, precise = stats.from_power_sums(total, pivot, parts[0], parts[1])
@@ -230,15 +243,15 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
                                                ).reshape((-1,) + (1,) * moments.delta.ndim)
   index = group_index(axis_name, axis_index_groups)
 
-  def run(pivot):
+  def run(pivot: jax.Array) -> tuple[Moments, jax.Array]:
     return _round(moments, pivot, axis_name, axis_index_groups, index, count_shape, static_total)
 
 
-  def adaptive():
+  def adaptive() -> Moments:
     first, precise = run(pivot)
     return lax.cond(precise, lambda: first, lambda: run(first.mean)[0])
 
-  def always_twice():
+  def always_twice() -> Moments:
     first, _ = run(pivot)
     return run(first.mean)[0]
 
@@ -292,3 +305,124 @@ def combine_uncentred_moments(moments: Moments, axis_name: Any, axis_index_group
   merged, _ = _round(moments, zero, axis_name, axis_index_groups, index, count_shape,
                      static_total)
   return merged  # delta = sum(n * 0) / count = 0 exactly: still moments about zero.
+
+
+# =========================================================================== covariance (whitening)
+#
+# Whitening combines per-group covariance moments the way `combine_moments` combines variances:
+# every device measures its mean from a pivot that all devices share, and one all-reduce sums
+# ``n a`` and ``cross + n a a^T`` (Chan's formula for matrices, `stats.covariance_power_sums`).
+# The cross products are symmetric, so only their upper triangles travel: G d (d + 1) / 2 + G d
+# values per device (plus two per group for the counts when a mask makes them differ), whatever
+# the number of devices. An all-gather of every device's (count, mean, cross products) would merge
+# without any cancellation, but its bytes grow with the device count; the shared pivot keeps them
+# fixed, and the rare imprecise case (a pivot far from the global mean, e.g. 0 for data with a
+# large offset) is detected on the all-reduced values, identically on every device, and repaired
+# by a second all-reduce of the same size around the first estimate of the mean.
+
+
+def _symmetric_pack(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Row and column indices of the upper triangle of a d x d matrix, and where each entry is.
+
+  The third array gives, for every (i, j), the position of (min(i, j), max(i, j)) among them.
+  """
+  rows, cols = np.triu_indices(d)
+  position = np.zeros((d, d), np.int32)
+  position[rows, cols] = np.arange(rows.size)
+  position[cols, rows] = np.arange(rows.size)
+  return rows, cols, position
+
+
+def _covariance_round(moments: stats.CovarianceMoments, pivot: jax.Array, axis_name: Any,
+                      groups: Any, index: jax.Array | None, static_total: Any
+                      ) -> tuple[stats.CovarianceMoments, jax.Array]:
+  """One all-reduce of covariance power sums around `pivot`: the merged moments and `precise`."""
+  sum_a, sum_cross = stats.covariance_power_sums(moments, pivot)
+  dtype = sum_cross.dtype
+  d = sum_a.shape[-1]
+  rows, cols, position = _symmetric_pack(d)
+  parts = [sum_a, sum_cross[:, rows, cols]]
+  if static_total is None:  # counts differ between devices: they travel with the sums.
+    parts += _split_count(moments.count, dtype)
+  shapes = [p.shape for p in parts]
+  sizes = [int(np.prod(s)) for s in shapes]
+  table = _sum_table(jnp.concatenate([p.reshape(-1) for p in parts]), axis_name, groups, index)
+  lead = table.shape[:-1]  # (groups,) or ().
+  parts = [p.reshape(lead + s)
+           for p, s in zip(jnp.split(table, np.cumsum(sizes)[:-1], axis=-1), shapes,
+                           strict=True)]
+  total_shape = lead + moments.count.shape
+  if static_total is None:
+    total = _join_count(parts[2], parts[3])
+  elif isinstance(static_total, jax.Array):
+    total = jnp.broadcast_to(static_total, total_shape)
+  else:
+    total = jnp.full(total_shape, static_total, stats.count_dtype())
+  every_group, precise = stats.covariance_from_power_sums(total, pivot, parts[0],
+                                                          parts[1][..., position])
+  merged = jax.tree.map(lambda v: _my_group(v, groups, index), every_group)
+  # The pivot typed like delta (varying over the same mesh axes under `shard_map`), so that both
+  # rounds return the same types.
+  typed_pivot = jnp.where(jnp.zeros(merged.delta.shape, bool), merged.delta, merged.pivot)
+  return merged._replace(pivot=typed_pivot), precise
+
+
+def combine_covariances(moments: stats.CovarianceMoments, axis_name: Any,
+                        axis_index_groups: Any = None, *, shared_pivot: jax.Array | None = None,
+                        uniform_count: Any = None, route: str = "auto"
+                        ) -> stats.CovarianceMoments:
+  """Merges per-device covariance moments over `axis_name` (within each group).
+
+  One all-reduce of ``G d (d + 1) / 2 + G d`` values around a shared pivot (see above); a second
+  of the same size only where the first would lose more than ``log2(stats.MAX_CANCELLATION)``
+  bits of a variance.
+
+  Args:
+    moments: this device's `stats.CovarianceMoments` (count [G], pivot and delta [G, d], cross
+      [G, d, d]).
+    axis_name: a named axis bound by `shard_map`, `pmap` or `vmap`, a tuple of them, or None
+      (returns `moments`).
+    axis_index_groups: None, or a partition of the axis indices into groups combined separately.
+    shared_pivot: a [G, d] value identical on every device (the running mean where JAX's types
+      prove it replicated), or None for 0.
+    uniform_count: the number of rows on every device when it is the same on all (no mask): then
+      counts need no collective. None sends the counts with the sums.
+    route: ``"adaptive"`` takes the second round only when the first lost precision (a
+      `lax.cond` on all-reduced values); ``"one_pass"`` always takes it; ``"auto"`` is adaptive
+      on CPU and one-pass elsewhere, as in `combine_moments`.
+
+  Returns:
+    `stats.CovarianceMoments` of the union of the group's rows, identical on every member.
+  """
+  if axis_name is None:
+    return moments
+  dtype = moments.cross.dtype
+  pivot = (jnp.zeros(moments.delta.shape, dtype) if shared_pivot is None
+           else lax.stop_gradient(shared_pivot).astype(dtype))
+  if uniform_count is None:
+    static_total = None
+  elif axis_index_groups is None:
+    static_total = uniform_count * axis_size(axis_name)
+  else:  # every group's total, as a [groups, 1] table.
+    sizes = _membership(axis_index_groups).sum(axis=1)
+    static_total = uniform_count * jnp.asarray(sizes.astype(np.int64),
+                                               stats.count_dtype()).reshape(-1, 1)
+  index = group_index(axis_name, axis_index_groups)
+
+  def run(pivot: jax.Array) -> tuple[stats.CovarianceMoments, jax.Array]:
+    return _covariance_round(moments, pivot, axis_name, axis_index_groups, index, static_total)
+
+  def adaptive() -> stats.CovarianceMoments:
+    first, precise = run(pivot)
+    return lax.cond(precise, lambda: first,
+                    lambda: run(lax.stop_gradient(first.mean))[0])
+
+  def always_twice() -> stats.CovarianceMoments:
+    first, _ = run(pivot)
+    return run(lax.stop_gradient(first.mean))[0]
+
+  if route == "adaptive":
+    return adaptive()
+  if route == "one_pass":
+    return always_twice()
+  return lax.platform_dependent(cpu=adaptive, default=always_twice)

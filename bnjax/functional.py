@@ -8,13 +8,16 @@ from typing import Any, Literal, overload
 
 import jax
 from jax import lax
+import jax.core
 import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax import _standardize
 from bnjax import distributed
 from bnjax import stats
-from bnjax.types import BatchNormParams, BatchNormState, BatchStats
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
+from bnjax.types import BatchStats
 
 _WHERE = "bnjax.batch_norm"
 
@@ -90,7 +93,8 @@ def update_running_stats(state: BatchNormState, mean: jax.Array, var: jax.Array,
   ``new = momentum * old + (1 - momentum) * batch``, computed in at least float32 and returned in
   the state's own dtype (a bfloat16 state moves as a float32 one would, then rounds; it still
   stops moving once ``(1 - momentum) * |batch - running|`` is below half its spacing, e.g. 0.78
-  away near 3.0 at momentum 0.99, so keep running statistics in float32 as `init` makes them). Channels
+  away near 3.0 at momentum 0.99, so keep running statistics in float32 as `init` makes them).
+  Channels
   whose batch statistics are not finite (a NaN or Inf in the batch), that had no valid value, or
   (with ``unbiased``) only one, keep their old values, so a bad batch never poisons the state.
 
@@ -144,6 +148,15 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
                axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
                unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: Literal[True],
                custom_vjp: bool = ..., stats_route: str = ...) -> _ReturnsWithStats: ...
+
+
+@overload
+def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
+               axis: int | Sequence[int] = ..., momentum: Any = ..., epsilon: Any = ...,
+               axis_name: Any = ..., axis_index_groups: Any = ..., mask: jax.Array | None = ...,
+               unbiased_running_var: bool = ..., dtype: Any = ..., return_stats: bool,
+               custom_vjp: bool = ..., stats_route: str = ...
+               ) -> _Returns | _ReturnsWithStats: ...
 
 
 def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, train: bool, *,
@@ -256,13 +269,14 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   stats_dtype = jnp.dtype(jnp.float64 if jnp.finfo(x.dtype).bits > 32 else jnp.float32)
   keep_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
 
-  def expand(v):  # feature shape -> x's rank, reduced axes as 1, statistics dtype.
-    return None if v is None else jnp.asarray(v).astype(stats_dtype).reshape(keep_shape)
+  def expand(v: Any) -> jax.Array:  # feature shape -> x's rank, reduced axes as 1.
+    return jnp.asarray(v).astype(stats_dtype).reshape(keep_shape)
 
-  def squeeze(v):  # x's rank -> feature shape.
+  def squeeze(v: jax.Array) -> jax.Array:  # x's rank -> feature shape.
     return v.reshape(feature_shape)
 
-  scale, bias = expand(params.scale), expand(params.bias)
+  scale = None if params.scale is None else expand(params.scale)
+  bias = None if params.bias is None else expand(params.bias)
   running_mean, running_var = expand(state.mean), expand(state.var)
   epsilon = _per_channel(epsilon, feature_shape, keep_shape, stats_dtype, "epsilon")
   if not train:
@@ -282,7 +296,7 @@ def batch_norm(params: BatchNormParams, state: BatchNormState, x: jax.Array, tra
   _checks.check_values_per_channel(local_count, devices, _WHERE)
   _check_count_fits(local_count, size if axis_name is not None else 1)
 
-  def sum_axes(value):
+  def sum_axes(value: Any) -> tuple[Any, ...]:
     # Mesh axes over which `x` varies but `value` does not (under `shard_map`): the cotangent of
     # `value` must be summed over them, as autodiff's transpose would.
     if value is None:
@@ -323,25 +337,28 @@ def _any_tracer(tree: Any) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("axis", "unbiased_running_var", "dtype",
                                              "return_stats", "custom_vjp", "stats_route"))
-def _eager_train(params, state, x, mask, momentum, epsilon, **static):
+def _eager_train(params: Any, state: Any, x: jax.Array, mask: jax.Array | None, momentum: Any,
+                 epsilon: Any, **static: Any) -> Any:
   return batch_norm(params, state, x, True, mask=mask, momentum=momentum, epsilon=epsilon,
                     **static)
 
 
-def _per_channel(value: Any, feature_shape, keep_shape, dtype, name: str) -> jax.Array:
+def _per_channel(value: Any, feature_shape: tuple[int, ...], keep_shape: tuple[int, ...],
+                 dtype: Any, name: str) -> jax.Array:
   """A scalar hyper-parameter as is; per-channel values (of the feature shape) at `x`'s rank."""
   value = jnp.asarray(value, dtype)
   if value.ndim == 0:
     return value
   if value.shape != tuple(feature_shape):
-    _checks.fail(_WHERE, f"`{name}` must be a scalar or have the feature shape {tuple(feature_shape)}; "
+    _checks.fail(_WHERE, f"`{name}` must be a scalar or have the feature shape "
+                 f"{tuple(feature_shape)}; "
                  f"got shape {value.shape}.")
   return value.reshape(keep_shape)
 
 
 def _check_count_fits(local_count: Any, devices: int) -> None:
   """Counts are int32 without x64: more than 2**31 - 1 values per channel cannot be counted."""
-  if jax.config.jax_enable_x64:
+  if jax.config.read("jax_enable_x64"):
     return
   try:
     too_many = local_count * devices > jnp.iinfo(jnp.int32).max

@@ -1,7 +1,8 @@
 """Drop-ins for Flax's linen norm layers whose math is bnjax's pure core.
 
-`BatchNorm` (`bnjax.batch_norm`), and `LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm`
-(`bnjax.norms`): the fields, call and variables of their `flax.linen` namesakes.
+`BatchNorm` (`bnjax.batch_norm`), `WhiteningBatchNorm` (`bnjax.whitening_batch_norm`), and
+`LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm` (`bnjax.norms`): the fields, call and variables
+of their `flax.linen` namesakes.
 """
 
 from collections.abc import Sequence
@@ -15,8 +16,10 @@ import jax.numpy as jnp
 
 from bnjax import _checks
 from bnjax import norms
+from bnjax import whitening
 from bnjax.functional import batch_norm
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 # The collection that per-layer diagnostics are written to, when it is made mutable by name.
 DIAGNOSTICS = "diagnostics"
@@ -27,7 +30,8 @@ class BatchNorm(nn.Module):
 
   It declares ``params`` (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``) exactly as
   Flax does, calls `bnjax.batch_norm` and writes the new running statistics back. Compared with
-  Flax, the statistics are exact (shifted by a data pivot, count-weighted across devices, NaN-safe masks,
+  Flax, the statistics are exact (shifted by a data pivot, count-weighted across devices, NaN-safe
+  masks,
   running statistics that a bad batch cannot poison), and training with one value per channel
   raises. ``use_fast_variance`` and ``force_float32_reductions`` are accepted so existing code
   runs unchanged; bnjax always computes exact statistics in at least float32.
@@ -125,7 +129,7 @@ class BatchNorm(nn.Module):
       # meaningless and are not stored during init, so normalise with the initial state instead.
       reduce_axes = tuple(a for a in range(jnp.ndim(x)) if a not in feature_axes)
       train = _checks.static_count(jnp.shape(x), reduce_axes) > 1
-    outputs = batch_norm(
+    outputs: tuple[Any, ...] = batch_norm(
         BatchNormParams(scale, bias), BatchNormState(ra_mean.value, ra_var.value), x, train,
         axis=feature_axes, momentum=self.momentum, epsilon=self.epsilon,
         axis_name=None if initializing else self.axis_name,
@@ -142,8 +146,10 @@ class BatchNorm(nn.Module):
 
 
 def requested(module: nn.Module, collection: str) -> bool:
-  """Whether `collection` was made mutable by name (not merely by ``mutable=True``), so that
-  diagnostics never change the variable tree of code written for Flax."""
+  """Whether `collection` was made mutable by name (not merely by ``mutable=True``).
+
+  So that diagnostics never change the variable tree of code written for Flax.
+  """
   mutable = module.scope.mutable if module.scope is not None else False
   if isinstance(mutable, str):
     return mutable == collection
@@ -158,6 +164,129 @@ def _promote_integers(x: Any) -> jax.Array:
   if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
     return x.astype(jnp.float32)
   return x
+
+
+# ============================================================================ whitening
+
+
+class WhiteningBatchNorm(nn.Module):
+  """Whitening batch normalization for `flax.linen`: `bnjax.whitening_batch_norm` as a module.
+
+  The channels are split into groups of ``group_size`` and each group is whitened (zero mean,
+  identity covariance) by ``method``: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"iterative"``
+  (IterNorm, ``iterations`` Newton–Schulz steps); then the per-channel ``scale`` and ``bias``
+  apply. The fields mirror `flax.linen.BatchNorm`'s and the function's keywords.
+
+  Variables (C channels, G groups of d = min(group_size, C), the last group padded with the
+  identity):
+
+  * ``params/scale``, ``params/bias``: shape [C];
+  * ``batch_stats/mean``: [C], the running mean;
+  * ``batch_stats/covariance``: [G, d, d], the running batch covariance (without ε);
+  * ``batch_stats/whitening``: [G, d, d], the running batch whitening matrix.
+
+  Both running estimates are always updated; ``running_estimate`` says which one evaluation uses
+  (``"covariance"``: ``W`` computed from the running covariance, the consistent estimate;
+  ``"whitening"``: the running matrix, as DBN and IterNorm keep it). As in `BatchNorm`, ``init``
+  does not update the running statistics and uses no collective.
+
+  Attributes:
+    use_running_average: if True, normalise with the running statistics (evaluation).
+    axis: the one feature axis.
+    momentum: decay of the running averages (Flax's convention).
+    epsilon: added to the diagonal of every covariance.
+    group_size: channels per whitening group (IterNorm's default, 64).
+    method: ``"zca"``, ``"pca"``, ``"cholesky"`` or ``"iterative"``.
+    iterations: Newton–Schulz steps of ``"iterative"``.
+    running_estimate: ``"covariance"`` or ``"whitening"``: what evaluation whitens with.
+    unbiased_running_cov: average the unbiased batch covariance into the running covariance.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale`` and ``bias``.
+    use_bias: whether to learn β.
+    use_scale: whether to learn γ.
+    bias_init: initializer for β.
+    scale_init: initializer for γ.
+    axis_name: named axis (or axes) to combine statistics over.
+    axis_index_groups: partition of that axis into groups combined separately.
+    stats_route: how statistics merge across devices (see `bnjax.whitening_batch_norm`).
+
+  Examples:
+    >>> model = bnjax.linen.WhiteningBatchNorm(use_running_average=False, group_size=2)
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3))
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> jax.tree.map(jnp.shape, variables['batch_stats'])
+    {'covariance': (2, 2, 2), 'mean': (3,), 'whitening': (2, 2, 2)}
+    >>> y, updates = model.apply(variables, x, mutable=['batch_stats'])
+  """
+
+  use_running_average: bool | None = None
+  axis: int = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  group_size: int = 64
+  method: str = "zca"
+  iterations: int = 5
+  running_estimate: str = "covariance"
+  unbiased_running_cov: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  stats_route: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Whitens `x` with batch statistics (training) or running statistics (evaluation).
+
+    Args:
+      x: the input; channels along ``self.axis``.
+      use_running_average: overrides the field of the same name (one of them must be set).
+      mask: bool array broadcastable to ``x``, of size 1 along ``axis``: the valid rows.
+
+    Returns:
+      The whitened input, of the shape of ``x``.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    x = _promote_integers(x)
+    where = "bnjax.linen.WhiteningBatchNorm"
+    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+      _checks.fail(where, f"`axis` must be one int; got {self.axis!r}.", TypeError)
+    feature_axis = _checks.canonical_axes(jnp.ndim(x), self.axis, where)[0]
+    channels = jnp.shape(x)[feature_axis]
+    _, initial = whitening.init_whitening(channels, group_size=self.group_size)
+
+    ra_mean = self.variable("batch_stats", "mean", lambda: initial.mean)
+    ra_cov = self.variable("batch_stats", "covariance", lambda: initial.covariance)
+    ra_w = self.variable("batch_stats", "whitening", lambda: initial.whitening)
+    scale = (self.param("scale", self.scale_init, (channels,), self.param_dtype)
+             if self.use_scale else None)
+    bias = (self.param("bias", self.bias_init, (channels,), self.param_dtype)
+            if self.use_bias else None)
+    with jax.numpy_dtype_promotion("standard"):  # Flax's inference rule, whatever the config.
+      dtype = flax_dtypes.canonicalize_dtype(
+          x, *(p for p in (scale, bias) if p is not None), dtype=self.dtype)
+
+    initializing = self.is_initializing()
+    train = not use_running_average
+    if train and initializing:  # statistics of one row are meaningless and never stored.
+      train = jnp.size(x) // channels > 1
+    state = whitening.WhiteningState(ra_mean.value, ra_cov.value, ra_w.value)
+    y, new_state = whitening.whitening_batch_norm(
+        BatchNormParams(scale, bias), state, x, train, group_size=self.group_size,
+        method=self.method, iterations=self.iterations, axis=feature_axis, momentum=self.momentum,
+        epsilon=self.epsilon, axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups, mask=mask,
+        running_estimate=self.running_estimate, unbiased_running_cov=self.unbiased_running_cov,
+        dtype=dtype, stats_route=self.stats_route)
+    if train and not initializing:
+      ra_mean.value, ra_cov.value, ra_w.value = new_state
+    return y
 
 
 # ======================================================================= the normalization family

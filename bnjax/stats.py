@@ -55,7 +55,10 @@ ROUTES = ("auto", "adaptive", "one_pass")
 
 
 class Moments(NamedTuple):
-  """Per-channel moments of the valid values; every field has the shape of `x` with reduced axes kept as 1."""
+  """Per-channel moments of the valid values.
+
+  Every field has the shape of `x` with the reduced axes kept as size 1.
+  """
 
   count: jax.Array  # number of valid values; int32 (int64 under x64).
   pivot: jax.Array  # a reference value near the mean (0 where there is no data); no gradient.
@@ -64,6 +67,7 @@ class Moments(NamedTuple):
 
   @property
   def mean(self) -> jax.Array:
+    """The mean, ``pivot + delta``."""
     return self.pivot + self.delta
 
   @property
@@ -74,13 +78,14 @@ class Moments(NamedTuple):
 
 def count_dtype() -> Any:
   """The integer dtype of counts: int32, or int64 when ``jax_enable_x64`` is set."""
-  return jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+  return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.int64))
 
 
 def is_precise(sum_sq: jax.Array, centred_sq: jax.Array) -> jax.Array:
-  """Whether a one-pass ``centred_sq = sum_sq - (sum)**2 / n`` lost at most log2(MAX_CANCELLATION) bits.
+  """Whether a one-pass ``centred_sq = sum_sq - (sum)**2 / n`` is precise enough.
 
-  A scalar bool over all channels; False where either is NaN, so NaN takes the careful path.
+  Precise: at most log2(MAX_CANCELLATION) bits lost. A scalar bool over all channels; False
+  where either is NaN, so NaN takes the careful path.
   """
   return jnp.all(sum_sq <= MAX_CANCELLATION * centred_sq)
 
@@ -100,11 +105,11 @@ def _first_valid(x: jax.Array, mask: jax.Array, reduce_axes: tuple[int, ...]) ->
   if varying:
     others = [a for a in range(ndim) if a not in varying]
     flat = jnp.transpose(mask, varying + others).reshape(
-        (-1,) + tuple(mask.shape[a] for a in others))
+        (-1, *tuple(mask.shape[a] for a in others)))
     first = jnp.argmax(flat, axis=0)  # shape: mask's other axes.
     coords = jnp.unravel_index(first, tuple(mask.shape[a] for a in varying))
     full_shape = tuple(1 if a in varying else mask.shape[a] for a in range(ndim))
-    coord_of = {a: c.reshape(full_shape) for a, c in zip(varying, coords)}
+    coord_of = {a: c.reshape(full_shape) for a, c in zip(varying, coords, strict=True)}
   index = []
   for a in range(ndim):
     if a in reduce_axes:
@@ -116,13 +121,15 @@ def _first_valid(x: jax.Array, mask: jax.Array, reduce_axes: tuple[int, ...]) ->
 
 
 def align(value: jax.Array, like: jax.Array) -> jax.Array:
-  """`value` resharded to `like`'s sharding along the dimensions they share, where the types carry
-  Explicit mesh axes (`jax.make_mesh`'s default), so that `jnp.where` and friends accept them
-  together; a no-op everywhere else. Both have the same rank; dimensions of `value` that are 1
-  while `like`'s are not stay unsharded."""
+  """`value` resharded to `like`'s sharding along the dimensions they share.
+
+  Only where the types carry Explicit mesh axes (`jax.make_mesh`'s default), so that
+  `jnp.where` and friends accept them together; a no-op everywhere else. Both have the same
+  rank; dimensions of `value` that are 1 while `like`'s are not stay unsharded.
+  """
   sharding = getattr(jax.typeof(like), "sharding", None)
   spec = getattr(sharding, "spec", None)
-  if spec is None or all(s is None for s in spec):
+  if sharding is None or spec is None or all(s is None for s in spec):
     return value
   target = tuple(s if value.shape[d] == like.shape[d] else None for d, s in enumerate(spec))
   current = getattr(getattr(jax.typeof(value), "sharding", None), "spec", None)
@@ -133,20 +140,25 @@ def align(value: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _on_a_mesh(x: jax.Array) -> bool:
-  """Whether `x`'s type places it on a mesh of several devices (sharded `jit`, Auto or Explicit
-  axes), where gathering a few leading rows would move data between devices (or, with Explicit
-  axes, is a type error): there the pivot is selected by a reduction instead."""
+  """Whether `x`'s type places it on a mesh of several devices.
+
+  That is sharded `jit`, with Auto or Explicit axes, where gathering a few leading rows would
+  move data between devices (or, with Explicit axes, is a type error): there the pivot is
+  selected by a reduction instead.
+  """
   mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
   if mesh is None or getattr(mesh, "empty", True):
     return False
   return any(size > 1 and kind != jax.sharding.AxisType.Manual
-             for size, kind in zip(mesh.axis_sizes, mesh.axis_types))
+             for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
 
 
 def _first_valid_by_reduction(x: jax.Array, mask: jax.Array | None,
                               reduce_axes: tuple[int, ...]) -> jax.Array:
-  """`_first_valid` (or the first value) for explicitly sharded inputs, without gathers or slices:
-  the value is selected by an exact sum of one value and zeros."""
+  """`_first_valid` (or the first value) for explicitly sharded inputs.
+
+  Without gathers or slices: the value is selected by an exact sum of one value and zeros.
+  """
   linear = jnp.zeros((1,) * x.ndim, jnp.int32)
   for a in reduce_axes:
     iota = lax.broadcasted_iota(jnp.int32, tuple(x.shape[a] if b == a else 1
@@ -229,7 +241,8 @@ def _valid_count_like(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[i
   return align(valid_count(x.shape, mask, reduce_axes), x)
 
 
-def _shifted_sums(x, mask, reduce_axes, pivot, count):
+def _shifted_sums(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...],
+                  pivot: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(delta, m2, precise) from one pass of sums of ``x - pivot`` and its square."""
   zero = jnp.zeros((), x.dtype)
   shifted = x - pivot if mask is None else jnp.where(mask, x - pivot, zero)
@@ -240,7 +253,8 @@ def _shifted_sums(x, mask, reduce_axes, pivot, count):
   return delta, m2, is_precise(sum_dd, m2)
 
 
-def _exact_m2(x, mask, reduce_axes, pivot, delta):
+def _exact_m2(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...],
+              pivot: jax.Array, delta: jax.Array) -> jax.Array:
   """The second pass: sum of ``((x - pivot) - delta)**2`` over the valid values."""
   centred = (x - pivot) - delta  # From x again, so that the shifted data is never written out.
   if mask is not None:
@@ -248,7 +262,7 @@ def _exact_m2(x, mask, reduce_axes, pivot, delta):
   return jnp.sum(centred * centred, axis=reduce_axes, keepdims=True)
 
 
-def _no_reduction(x, mask, count):
+def _no_reduction(x: jax.Array, mask: jax.Array | None, count: jax.Array) -> Moments:
   """Moments when no axis is reduced (one value per channel and device, e.g. per-example `vmap`)."""
   valid = jnp.isfinite(x) if mask is None else mask & jnp.isfinite(x)
   pivot = lax.stop_gradient(jnp.where(valid, x, jnp.zeros((), x.dtype)))
@@ -284,7 +298,7 @@ def adaptive_moments(x: jax.Array, mask: jax.Array | None,
   if not reduce_axes:
     return _no_reduction(x, mask, count)
 
-  def with_data_pivot(_):
+  def with_data_pivot(_: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     pivot = data_pivot(x, mask, reduce_axes)
     delta, m2, precise = _shifted_sums(x, mask, reduce_axes, pivot, count)
     m2 = lax.cond(precise, lambda _: m2,
@@ -314,24 +328,24 @@ def route_dispatch(adaptive: Callable[..., Any], one_pass: Callable[..., Any], r
   if route == "one_pass":
     return one_pass
 
-  def by_platform(*args):
+  def by_platform(*args: Any) -> Any:
     return lax.platform_dependent(*args, cpu=adaptive, default=one_pass)
 
   batched = custom_vmap(by_platform)
 
   @batched.def_vmap
-  def _vmap_rule(axis_size, in_batched, *args):
+  def _vmap_rule(axis_size: int, in_batched: Any, *args: Any) -> tuple[Any, Any]:
     del axis_size
     in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, flags) for flags in in_batched)
     out = jax.vmap(one_pass, in_axes=in_axes)(*args)
     return out, jax.tree.map(lambda _: True, out)
 
   @jax.custom_jvp
-  def dispatched(*args):
+  def dispatched(*args: Any) -> Any:
     return batched(*args)
 
   @dispatched.defjvp
-  def _jvp(primals, tangents_in):
+  def _jvp(primals: Any, tangents_in: Any) -> tuple[Any, Any]:
     _, tangents_out = jax.jvp(tangents or one_pass, primals, tangents_in)
     return dispatched(*primals), tangents_out
 
@@ -340,8 +354,11 @@ def route_dispatch(adaptive: Callable[..., Any], one_pass: Callable[..., Any], r
 
 def _two_pass_moments(x: jax.Array, mask: jax.Array | None,
                       reduce_axes: tuple[int, ...]) -> Moments:
-  """Moments by a data pivot and two passes: the differentiable reference whose tangents are exact
-  (``d m2 = 2 sum((x - mean) dx)``, nothing cancels)."""
+  """Moments by a data pivot and two passes.
+
+  The differentiable reference whose tangents are exact (``d m2 = 2 sum((x - mean) dx)``,
+  nothing cancels).
+  """
   count = _valid_count_like(x, mask, reduce_axes)
   if not reduce_axes:
     return _no_reduction(x, mask, count)
@@ -375,7 +392,7 @@ def local_moments(x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, 
 
 
 def merge_moments(parts: Moments, axis: int = 0) -> Moments:
-  """Merges moments of disjoint parts of a batch, stacked along `axis`, into the moments of their union.
+  """Merges moments of disjoint parts of a batch, stacked along `axis`, into those of the union.
 
   Chan, Golub & LeVeque's pairwise formula, generalised to N parts: with ``a_i`` each part's mean
   measured from a common reference (the pivot of the first part with data),
@@ -439,9 +456,214 @@ def from_power_sums(count: jax.Array, pivot: jax.Array, sum_a: jax.Array,
 
 
 __all__ = [
-    "MAX_CANCELLATION", "Moments", "ROUTES", "adaptive_moments", "count_dtype", "data_pivot",
-    "from_power_sums", "is_precise", "local_moments", "merge_moments", "one_pass_moments",
-    "power_sums", "route_dispatch", "valid_count",
+  "MAX_CANCELLATION",
+  "ROUTES",
+  "Moments",
+  "adaptive_moments",
+  "count_dtype",
+  "data_pivot",
+  "from_power_sums",
+  "is_precise",
+  "local_moments",
+  "merge_moments",
+  "one_pass_moments",
+  "power_sums",
+  "route_dispatch",
+  "valid_count",
+]
+
+
+# ============================================================================ covariance moments
+#
+# Whitening (`bnjax.whitening`) needs, per group of d channels, the mean and the centred
+# cross-product matrix of the valid rows. They are kept in the same shifted form as `Moments`:
+# ``mean = pivot + delta`` with a data pivot, so that data far from zero loses nothing, and they
+# merge across parts of a batch with Chan's formula, which holds for matrices as it does for
+# scalars (the outer product replaces the square). Rows are the positions of the batch; a row is
+# valid or not as a whole (the mask does not vary along the channels), so every group has the same
+# count.
+#
+# The local statistics take one pass over the rows shifted by the data pivot (sums and cross
+# products), and a second over the rows centred by their mean only where the first would lose
+# precision (`local_covariance`).
+
+
+class CovarianceMoments(NamedTuple):
+  """Per-group mean and centred cross products of the valid rows of a ``[m, G, d]`` batch."""
+
+  count: jax.Array  # shape=[G], int32 (int64 under x64); valid rows behind each group.
+  pivot: jax.Array  # shape=[G, d]; a value near each channel's mean; no gradient.
+  delta: jax.Array  # shape=[G, d]; mean - pivot, in the statistics dtype.
+  cross: jax.Array  # shape=[G, d, d]; sum over valid rows of (x - mean)(x - mean)^T.
+
+  @property
+  def mean(self) -> jax.Array:
+    """``pivot + delta``, shape [G, d]."""
+    return self.pivot + self.delta
+
+  @property
+  def covariance(self) -> jax.Array:
+    """The biased covariance ``cross / count`` (0 where count is 0), shape [G, d, d]."""
+    return self.cross / jnp.maximum(self.count, 1).astype(self.cross.dtype)[..., None, None]
+
+
+def group_gram(a_GxMxD: jax.Array, b_GxMxD: jax.Array | None = None) -> jax.Array:
+  """``sum_m a[g, m, :]^T b[g, m, :]`` for every group g: shape [G, d, d], at full precision.
+
+  ``b`` defaults to ``a`` (the cross products of one array). The group axis leads, as batched
+  matrix products want it (with it in the middle XLA:CPU copies both operands first).
+  """
+  b_GxMxD = a_GxMxD if b_GxMxD is None else b_GxMxD
+  return jnp.einsum("gmi,gmj->gij", a_GxMxD, b_GxMxD, precision=lax.Precision.HIGHEST)
+
+
+def shifted_rows(x_MxGxD: jax.Array, mask_M: jax.Array | None, pivot_GxD: jax.Array,
+                 base_GxD: jax.Array) -> jax.Array:
+  """``(x - pivot) - base`` at valid rows and 0 elsewhere, transposed to [G, m, d].
+
+  The group axis leads, as batched matrix products want it; the subtraction and the transposition
+  are one pass.
+  """
+  shifted = (x_MxGxD - pivot_GxD[None]) - base_GxD[None]
+  if mask_M is not None:
+    shifted = jnp.where(mask_M[:, None, None], shifted, jnp.zeros((), x_MxGxD.dtype))
+  return jnp.transpose(shifted, (1, 0, 2))
+
+
+def local_covariance(x_MxGxD: jax.Array, mask_M: jax.Array | None, route: str = "auto"
+                     ) -> tuple[CovarianceMoments, jax.Array]:
+  """Covariance moments of the valid rows of `x`, and those rows shifted by the data pivot.
+
+  One pass over the rows shifted by the data pivot, ``r = x - pivot``, gives their sums and
+  cross products, ``cross = sum(r r^T) - n delta delta^T``; it loses ``log2(1 + k**2)`` bits of a
+  variance for a pivot ``k`` standard deviations from the mean (about 0.2 bits for the mean of
+  the leading 8 rows of i.i.d. data). Where that exceeds ``log2(MAX_CANCELLATION)`` bits, the
+  ``"adaptive"`` route takes a second pass over the rows centred by that mean, where nothing
+  cancels; ``"one_pass"`` never does; ``"auto"`` is adaptive on CPU and one-pass elsewhere. Both
+  routes are differentiable (the second pass is a `lax.cond` branch with its own derivative).
+
+  Args:
+    x_MxGxD: rows of channels split into G groups of d, in the statistics dtype.
+    mask_M: None, or a bool array of shape [m]: the valid rows.
+    route: ``"auto"``, ``"adaptive"`` or ``"one_pass"``.
+
+  Returns:
+    ``(moments, shifted)``: `CovarianceMoments` (count [G], pivot and delta [G, d], cross
+    [G, d, d]) and ``x - pivot`` at valid rows, 0 elsewhere, transposed to [G, m, d]
+    (`shifted_rows`), from which the one-pass sums were taken.
+  """
+  rows, groups, _ = x_MxGxD.shape
+  dtype = x_MxGxD.dtype
+  if mask_M is None:
+    count = jnp.full((groups,), rows, count_dtype())
+    mask3 = None
+  else:
+    count = jnp.full((groups,), jnp.sum(mask_M, dtype=count_dtype()), count_dtype())
+    mask3 = mask_M[:, None, None]
+  pivot = data_pivot(x_MxGxD, mask3, (0,))[0]
+  shifted = shifted_rows(x_MxGxD, mask_M, pivot, jnp.zeros(pivot.shape, dtype))
+  delta = jnp.sum(shifted, axis=1) / jnp.maximum(count, 1).astype(dtype)[:, None]
+  products = group_gram(shifted)
+  cross = products - _outer(delta, delta) * count.astype(dtype)[:, None, None]
+  cross = cross - _diag_embed(jnp.minimum(jnp.diagonal(cross, axis1=-2, axis2=-1), 0.0))
+
+  def adaptive() -> jax.Array:
+    precise = is_precise(jnp.diagonal(products, axis1=-2, axis2=-1),
+                         jnp.diagonal(cross, axis1=-2, axis2=-1))
+    return lax.cond(precise, lambda: cross,
+                    lambda: group_gram(shifted_rows(x_MxGxD, mask_M, pivot, delta)))
+
+  if route == "adaptive":
+    cross = adaptive()
+  elif route != "one_pass":
+    cross = lax.platform_dependent(cpu=adaptive, default=lambda: cross)
+  return CovarianceMoments(count, pivot, delta, cross), shifted
+
+
+def _outer(a: jax.Array, b: jax.Array) -> jax.Array:
+  return a[..., :, None] * b[..., None, :]
+
+
+def merge_covariances(parts: CovarianceMoments, axis: int = 0) -> CovarianceMoments:
+  """Merges covariance moments of disjoint parts of a batch, stacked along `axis`.
+
+  Chan's formula for matrices: with ``a_k`` each part's mean measured from a common reference
+  (the pivot of the first part with data),
+
+      count = sum(n_k),   delta = sum(n_k a_k) / count,
+      cross = sum(cross_k) + sum(n_k (a_k - delta)(a_k - delta)^T).
+
+  Exact for unequal counts, parts without data (ignored) and pivots far apart: both sums run over
+  values already in memory, so nothing cancels.
+
+  Args:
+    parts: `CovarianceMoments` whose fields are stacked along `axis`.
+    axis: the stacking axis (of the count; the other fields have it at the same position).
+
+  Returns:
+    `CovarianceMoments` of the union, without the stacking axis.
+  """
+  count = jnp.moveaxis(parts.count, axis, 0)
+  pivot, delta, cross = (jnp.moveaxis(v, axis, 0) for v in (parts.pivot, parts.delta, parts.cross))
+  dtype = cross.dtype
+  has_data = count > 0  # [P, G]
+  weight = count.astype(dtype)[..., None]  # [P, G, 1]
+  total = jnp.sum(count, axis=0)
+  first = jnp.argmax(has_data, axis=0)  # [G]
+  reference = jnp.take_along_axis(pivot, first[None, :, None], axis=0)  # [1, G, d]
+  offset = jnp.where(has_data[..., None], (pivot - reference) + delta, jnp.zeros((), dtype))
+  global_delta = (jnp.sum(weight * offset, axis=0)
+                  / jnp.maximum(total, 1).astype(dtype)[:, None])
+  spread = offset - global_delta[None]
+  global_cross = (jnp.sum(jnp.where(has_data[..., None, None], cross, jnp.zeros((), dtype)), axis=0)
+                  + jnp.sum(weight[..., None] * _outer(spread, spread), axis=0))
+  return CovarianceMoments(total, reference[0], global_delta, global_cross)
+
+
+def covariance_power_sums(moments: CovarianceMoments, pivot: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """``(n a, cross + n a a^T)`` with ``a = mean - pivot``: sums that add up across parts.
+
+  Parts that share `pivot` (shape [G, d]) merge by summing these and their counts, then
+  `covariance_from_power_sums`.
+  """
+  dtype = moments.cross.dtype
+  weight = moments.count.astype(dtype)[:, None]
+  offset = jnp.where(moments.count[:, None] > 0, (moments.pivot - pivot) + moments.delta,
+                     jnp.zeros((), dtype))
+  return weight * offset, moments.cross + weight[..., None] * _outer(offset, offset)
+
+
+def covariance_from_power_sums(count: jax.Array, pivot: jax.Array, sum_a: jax.Array,
+                               sum_cross: jax.Array) -> tuple[CovarianceMoments, jax.Array]:
+  """Covariance moments from summed `covariance_power_sums` around a shared `pivot`.
+
+  ``cross = sum_cross - n delta delta^T`` loses ``log2(1 + k**2)`` bits on the diagonal for a
+  pivot ``k`` standard deviations from the merged mean; ``precise`` (a scalar bool) says whether
+  that stayed within ``log2(MAX_CANCELLATION)`` bits for every channel. Leading axes (a table of
+  groups of devices) broadcast.
+  """
+  dtype = sum_cross.dtype
+  delta = sum_a / jnp.maximum(count, 1).astype(dtype)[..., None]
+  # (delta_i * delta_j) * n is symmetric bit for bit.
+  cross = sum_cross - _outer(delta, delta) * count.astype(dtype)[..., None, None]
+  diagonal = jnp.diagonal(cross, axis1=-2, axis2=-1)
+  cross = cross - _diag_embed(jnp.minimum(diagonal, jnp.zeros((), dtype)))  # no negative variance.
+  pivot = jnp.broadcast_to(pivot.astype(dtype), delta.shape)
+  precise = is_precise(jnp.diagonal(sum_cross, axis1=-2, axis2=-1),
+                       jnp.diagonal(cross, axis1=-2, axis2=-1))
+  return CovarianceMoments(count, pivot, delta, cross), precise
+
+
+def _diag_embed(v: jax.Array) -> jax.Array:
+  eye = jnp.eye(v.shape[-1], dtype=v.dtype).reshape((1,) * (v.ndim - 1) + (v.shape[-1],) * 2)
+  return v[..., :, None] * eye
+
+
+
+__all__ += [
+    "CovarianceMoments", "covariance_from_power_sums", "covariance_power_sums", "group_gram",
+    "local_covariance", "merge_covariances", "shifted_rows",
 ]
 
 

@@ -76,6 +76,14 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
           "batch_norm_momentum", "the decay of the running averages must be in [0, 1], e.g. 0.9.")
   require(is_number(config.batch_norm_epsilon) and config.batch_norm_epsilon > 0,
           "batch_norm_epsilon", "must be > 0, e.g. 1e-5.")
+  whitening = whitening_options(config)
+  if whitening.get("method", "zca") not in ("zca", "pca", "cholesky", "iterative"):
+    problems.append(f"config.whitening.method = {whitening['method']!r}: use one of zca, pca, "
+                    "cholesky, iterative.")
+  for field in ("group_size", "iterations"):
+    value = whitening.get(field, 1)
+    if not (is_int(value) and value >= 1):
+      problems.append(f"config.whitening.{field} = {value!r}: must be an int >= 1.")
   for field in ("batch_size", "eval_batch_size"):
     size = config.get(field)
     if not (is_int(size) and size > 0):
@@ -110,3 +118,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     require(isinstance(config.get(field), bool), field, "must be True or False.")
   if problems:
     raise ConfigError("Invalid config; nothing was trained:\n  " + "\n  ".join(problems))
+
+
+def whitening_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.whitening`` as keyword arguments of `bnjax.linen.WhiteningBatchNorm` ({} if absent)."""
+  whitening = config.get("whitening")
+  return {} if whitening is None else dict(whitening.to_dict())

@@ -1,8 +1,9 @@
 """Models for the examples: a small CNN and a small ResNet, each taking a `norm` factory.
 
 The factory decides the normalisation, so the same network runs with `bnjax.BatchNorm`,
-`flax.linen.BatchNorm`, one of bnjax's per-example norms (layer, group, instance, RMS: see
-`PerExampleNorm`) or none at all (see `norm_factory`). The variables a model declares:
+`flax.linen.BatchNorm`, `bnjax.linen.WhiteningBatchNorm`, one of bnjax's per-example norms (layer,
+group, instance, RMS: see `PerExampleNorm`) or none at all (see `norm_factory`). The variables a
+model declares:
 
   >>> images_NHWC = jnp.zeros((2, 8, 8, 1))
   >>> init = lambda model: jax.eval_shape(
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
+import bnjax.linen
 
-NORMS = ("bnjax", "flax", "layer", "group", "instance", "rms", "none")
+NORMS = ("bnjax", "flax", "whitening", "layer", "group", "instance", "rms", "none")
 PER_EXAMPLE_NORMS = ("layer", "group", "instance", "rms")
 
 # A module class or a partial of one; called with keyword arguments, it returns a module.
@@ -35,18 +37,21 @@ ModuleDef = Callable[..., nn.Module]
 
 
 def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
-                 axis_name: Any = None) -> ModuleDef | None:
+                 axis_name: Any = None, whitening: Any = None) -> ModuleDef | None:
   """The normalisation layer for `kind`, as a factory the models call once per layer.
 
   Args:
     kind: ``'bnjax'`` (`bnjax.BatchNorm`), ``'flax'`` (`flax.linen.BatchNorm`, the reference the
-      drop-in replaces), ``'layer'``, ``'group'``, ``'instance'``, ``'rms'`` (`PerExampleNorm`:
-      statistics of each example, no running statistics) or ``'none'``.
+      drop-in replaces), ``'whitening'`` (`bnjax.linen.WhiteningBatchNorm`), ``'layer'``,
+      ``'group'``, ``'instance'``, ``'rms'`` (`PerExampleNorm`: statistics of each example, no
+      running statistics) or ``'none'``.
     momentum: decay of the running averages.
-    epsilon: added to the variance.
+    epsilon: added to the variance (to the covariance's diagonal for whitening).
     axis_name: the mesh axis to combine batch statistics over, so every device normalises with the
       statistics of the global batch; None on a single device. The per-example norms ignore it:
       their statistics never span examples, so data parallelism needs no collective.
+    whitening: for ``'whitening'``, a mapping with its ``method``, ``group_size`` and
+      ``iterations`` (``config.whitening``); None for the layer's defaults.
 
   Returns:
     A partial of the layer class (it still takes ``use_running_average`` and per-layer options such
@@ -61,6 +66,10 @@ def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
   if kind == "flax":
     return functools.partial(nn.BatchNorm, momentum=momentum, epsilon=epsilon,
                              axis_name=axis_name)
+  if kind == "whitening":
+    options = dict(whitening or {})
+    return functools.partial(bnjax.linen.WhiteningBatchNorm, momentum=momentum, epsilon=epsilon,
+                             axis_name=axis_name, **options)
   if kind in PER_EXAMPLE_NORMS:
     return functools.partial(PerExampleNorm, kind=kind, epsilon=epsilon)
   if kind == "none":

@@ -54,7 +54,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, norm: str 
   """
   norm_layer = models.norm_factory(config.norm if norm is None else norm,
                                    momentum=config.batch_norm_momentum,
-                                   epsilon=config.batch_norm_epsilon, axis_name=axis_name)
+                                   epsilon=config.batch_norm_epsilon, axis_name=axis_name,
+                                   whitening=config_check.whitening_options(config))
   if config.model == "CNN":
     return models.CNN(num_classes=num_classes, features=tuple(config.cnn.features),
                       hidden=config.cnn.hidden, norm=norm_layer)

@@ -26,9 +26,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = "CNN"  # One of: CNN, ResNet.
   config.cnn = ml_collections.ConfigDict({"features": (32, 64), "hidden": 256})
   config.resnet = ml_collections.ConfigDict({"stage_sizes": (2, 2, 2), "num_filters": 16})
-  # One of: bnjax, flax (flax.linen.BatchNorm), layer, group, instance, rms (bnjax's per-example
-  # norms, `bnjax_examples.models.PerExampleNorm`), none.
+  # One of: bnjax, flax (flax.linen.BatchNorm), whitening, layer, group, instance, rms (bnjax's
+  # per-example norms, `bnjax_examples.models.PerExampleNorm`), none.
   config.norm = "bnjax"
+  # For norm="whitening" (bnjax.linen.WhiteningBatchNorm): IterNorm on groups of 16 channels.
+  # The hidden dense layer sees one row per example, so its groups need well under
+  # batch_size channels (see the README's "Whitening" section).
+  config.whitening = ml_collections.ConfigDict(
+      {"method": "iterative", "group_size": 16, "iterations": 5})
   # Comparison mode: train once per entry and plot them together, e.g. ("bnjax", "none").
   config.compare_norms = ()
   # 0.9 rather than Flax's 0.99: with a few hundred steps, 0.99 leaves the running averages

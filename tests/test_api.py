@@ -5,9 +5,10 @@ import bnjax
 
 def test_public_names_are_pinned():
   assert sorted(bnjax.__all__) == [
-      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "batch_norm",
-      "from_torch_momentum", "group_norm", "init", "init_params", "instance_norm", "layer_norm",
-      "rms_norm", "update_running_stats",
+      "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "WhiteningBatchNorm",
+      "WhiteningState", "WhiteningStats", "batch_norm", "from_torch_momentum", "group_norm", "init",
+      "init_params", "init_whitening", "instance_norm", "layer_norm", "rms_norm",
+      "update_running_stats", "whitening_batch_norm",
   ]
   for name in bnjax.__all__:
     assert getattr(bnjax, name) is not None

@@ -19,7 +19,7 @@ import conftest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-FIRST_PARTY = {"bnjax", "tests", "examples", "configs", "benchmarks", "conftest"}
+FIRST_PARTY = {"bnjax", "bnjax_examples", "tests", "configs", "benchmarks", "conftest"}
 
 
 def _normalize(name):
@@ -83,7 +83,7 @@ def _suite_imports():
       e.source for e in doctest.DocTestParser().get_examples(code))
              for line, code in conftest.python_blocks(readme)}
   queue = [ROOT / "conftest.py"]
-  for folder in ("tests", "bnjax", "examples", "configs"):
+  for folder in ("tests", "bnjax", "bnjax_examples", "configs"):
     queue.extend(sorted((ROOT / folder).rglob("*.py")))
   seen, third_party = set(), {}
   while queue or sources:

@@ -41,11 +41,13 @@ from collections.abc import Callable, Mapping
 import numbers
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bnjax import _layer_trees
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 __all__ = ["batch_norms_from_torch", "from_torch", "linen_path_from_torch", "to_torch"]
 
@@ -127,7 +129,9 @@ def from_torch(state_dict: Mapping[str, Any], prefix: str = "", *, param_dtype: 
 
   # Copies: on CPU `jnp.asarray` may share a NumPy array's memory, and a torch module's buffers
   # (behind `tensor.numpy()`) change in place when it trains.
-  copy = lambda key, dtype: jnp.array(vectors[key], dtype, copy=True)
+  def copy(key: str, dtype: Any) -> jax.Array:
+    return jnp.array(vectors[key], dtype, copy=True)
+
   params = BatchNormParams(*(copy(key, param_dtype) if key in vectors else None
                              for key in ("weight", "bias")))
   if "running_mean" not in vectors:
@@ -206,8 +210,9 @@ def to_torch(params: BatchNormParams | Mapping[str, Any] | None,
 
 
 def linen_path_from_torch(module_key: str) -> tuple[str, ...]:
-  """Maps a PyTorch module path to a linen module path, the default rule of
-  `batch_norms_from_torch`.
+  """Maps a PyTorch module path to a linen module path.
+
+  The default rule of `batch_norms_from_torch`.
 
   PyTorch names children of ``nn.Sequential``/``nn.ModuleList`` by index (``'layer1.0'``); linen
   names the modules of a list attribute assigned in ``setup`` ``name_index`` (``'layer1_0'``). So
@@ -290,6 +295,9 @@ def batch_norms_from_torch(
                        f"{prefix!r} both map to the linen path {path}; adapt `path_fn`.")
     sources[path] = prefix
     params, state = from_torch(state_dict, prefix, param_dtype=param_dtype)
+    if state is None:  # Unreachable: prefixes are found by their running statistics.
+      raise RuntimeError(f"bnjax.interop.torch.batch_norms_from_torch: no running statistics "
+                         f"for {prefix!r}.")
     _set(tree["batch_stats"], path, {"mean": state.mean, "var": state.var})
     layer_params = {k: v for k, v in (("scale", params.scale), ("bias", params.bias))
                     if v is not None}

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import _layer_trees
-from bnjax.types import BatchNormParams, BatchNormState
+from bnjax.types import BatchNormParams
+from bnjax.types import BatchNormState
 
 __all__ = ["FoldPair", "fold_batch_norm", "fold_batch_norms"]
 
@@ -98,10 +99,10 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None,
   channels = kernel.shape[out_axis]
   named = {"bias": bias, "params.scale": params.scale, "params.bias": params.bias,
            "state.mean": state.mean, "state.var": state.var}
-  for name, value in named.items():
-    if value is None:
+  for name, given in named.items():
+    if given is None:
       continue
-    value = jnp.asarray(value)
+    value = jnp.asarray(given)
     _check_floating(value, name)
     if value.shape != (channels,):
       raise ValueError(
@@ -111,7 +112,10 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None,
           "ConvTranspose(transpose_kernel=True), pass out_axis=-2.")
 
   compute = jnp.dtype(jnp.float64 if jnp.finfo(kernel.dtype).bits > 32 else jnp.float32)
-  as_compute = lambda v: jnp.asarray(v).astype(compute)
+
+  def as_compute(v: Any) -> jax.Array:
+    return jnp.asarray(v).astype(compute)
+
   factor = jax.lax.rsqrt(as_compute(state.var) + jnp.asarray(epsilon, compute))
   if params.scale is not None:
     factor = factor * as_compute(params.scale)
@@ -126,8 +130,11 @@ def fold_batch_norm(kernel: jax.Array, bias: jax.Array | None,
 
 
 class FoldPair(NamedTuple):
-  """One layer to fold: the Dense/Conv's path, the batch norm's path, its epsilon, the kernel's
-  output-feature axis. Paths are tuples (``('block1', 'conv')``) or ``'block1/conv'`` strings."""
+  """One layer to fold.
+
+  The Dense/Conv's path, the batch norm's path, its epsilon, the kernel's output-feature axis.
+  Paths are tuples (``('block1', 'conv')``) or ``'block1/conv'`` strings.
+  """
 
   layer: str | Sequence[str]
   norm: str | Sequence[str]
@@ -137,7 +144,7 @@ class FoldPair(NamedTuple):
 
 def fold_batch_norms(variables: Mapping[str, Any],
                      pairs: Iterable[FoldPair | Sequence[Any]]) -> dict[str, Any]:
-  """Folds each listed batch norm into its layer, for the same model built without those norms.
+  r"""Folds each listed batch norm into its layer, for the same model built without those norms.
 
   For every ``(layer, norm)`` pair, the layer's ``kernel``/``bias`` are replaced by the folded
   ones (`fold_batch_norm`; a bias is created if the layer had none) and the norm's entries are
@@ -154,7 +161,7 @@ def fold_batch_norms(variables: Mapping[str, Any],
 
   Args:
     variables: a linen variable tree (``params`` and ``batch_stats``), dicts or FrozenDicts.
-    pairs: `FoldPair`\\ s, or tuples ``(layer, norm[, epsilon[, out_axis]])``.
+    pairs: `FoldPair`\ s, or tuples ``(layer, norm[, epsilon[, out_axis]])``.
 
   Returns:
     A new variable tree of plain dicts; ``variables`` is not modified.
@@ -206,11 +213,11 @@ def fold_batch_norms(variables: Mapping[str, Any],
     _set(result["params"], layer_path, {**_to_dicts(layer), "kernel": kernel, "bias": bias})
   for norm_path in seen_norms:
     for collection in list(result):
-      _remove(result, (collection,) + norm_path)
+      _remove(result, (collection, *norm_path))
   return result
 
 
-# --- Nested dicts -----------------------------------------------------------------------------------
+# --- Nested dicts ------------------------------------------------------------------------------
 
 _MISSING = object()
 
@@ -239,7 +246,8 @@ def _show(path: tuple[str, ...]) -> str:
   return repr("/".join(map(str, path)))
 
 
-def _lookup(tree: Any, path: tuple[str, ...], collection: str, what: str, required: bool = True):
+def _lookup(tree: Any, path: tuple[str, ...], collection: str, what: str,
+            required: bool = True) -> Any:
   node = tree
   for key in path:
     if not isinstance(node, Mapping) or key not in node:

@@ -1,5 +1,7 @@
-"""Frozen batch norm for fine-tuning: select every norm layer's ``scale``/``bias`` so that the
-optimizer leaves them alone, in linen variable trees and NNX models.
+"""Frozen batch norm for fine-tuning.
+
+Select every norm layer's ``scale``/``bias`` so that the optimizer leaves them alone, in linen
+variable trees and NNX models.
 
 A frozen batch-norm layer is an affine map ``y = scale * (x - mean) / sqrt(var + eps) + bias``
 with all four per-channel arrays fixed (torchvision's and detectron2's ``FrozenBatchNorm2d``). It
@@ -92,12 +94,12 @@ def norm_layer_paths(model: nn.Module, *args: Any, types: Sequence[type] = (Line
     rngs = {"params": key, "dropout": key}
   found = set()
 
-  def record(next_fun, call_args, call_kwargs, context):
+  def record(next_fun: Callable[..., Any], call_args: Any, call_kwargs: Any, context: Any) -> Any:
     if context.method_name == "__call__" and isinstance(context.module, types):
       found.add(tuple(context.module.path))
     return next_fun(*call_args, **call_kwargs)
 
-  def init():
+  def init() -> Any:
     with nn.intercept_methods(record):
       return model.init(rngs, *args, **kwargs)
 
@@ -164,8 +166,9 @@ def norm_params_labels(variables: Mapping[str, Any],
                        norm_paths: Iterable[Sequence[Any]] | None = None, *,
                        norm_label: str = "frozen", other_label: str = "trainable"
                        ) -> dict[str, Any]:
-  """Labels for ``optax.multi_transform``: ``norm_label`` on norm ``scale``/``bias``, else
-  ``other_label``.
+  """Labels for ``optax.multi_transform``.
+
+  ``norm_label`` on norm ``scale``/``bias``, else ``other_label``.
 
   ``optax.multi_transform({'trainable': tx, 'frozen': optax.set_to_zero()}, labels)`` leaves the
   norm parameters bit-identical and keeps no optimizer state for them. (Prefer it to
@@ -272,7 +275,7 @@ def params_except_norms(model: nnx.Module, types: Sequence[type] = (NnxBatchNorm
   return nnx.All(nnx.Param, nnx.Not(norm_params_filter(model, types)))
 
 
-# --- Nested-mapping helpers (plain dicts or FrozenDicts) --------------------------------------------
+# --- Nested-mapping helpers (plain dicts or FrozenDicts) ----------------------------------------
 
 _MISSING = object()
 
@@ -306,7 +309,7 @@ def _module_paths(tree: Mapping[str, Any], prefix: Path = ()) -> list[Path]:
     paths.append(prefix)
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      paths.extend(_module_paths(value, prefix + (key,)))
+      paths.extend(_module_paths(value, (*prefix, key)))
   return paths
 
 
@@ -323,6 +326,6 @@ def _structural_norm_paths(params: Mapping[str, Any], batch_stats: Any) -> set[P
 
 def _map_with_path(tree: Mapping[str, Any], fn: Callable[[Path, Any], Any],
                    prefix: Path = ()) -> dict[str, Any]:
-  return {key: (_map_with_path(value, fn, prefix + (key,)) if isinstance(value, Mapping)
-                else fn(prefix + (key,), value))
+  return {key: (_map_with_path(value, fn, (*prefix, key)) if isinstance(value, Mapping)
+                else fn((*prefix, key), value))
           for key, value in tree.items()}

@@ -19,7 +19,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 from bnjax_examples import config_check
 from bnjax_examples import train
 
-CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10")
+CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10", "whitening")
 
 
 def load_config(name: str, arg: str | None = None):
