@@ -297,7 +297,11 @@ def _norm_bwd(config: TrainConfig, residuals: Any, cotangents: Any) -> tuple[Any
       sum_g, sum_g_xhat = None, jnp.sum(g * x_hat, axis=axes, keepdims=True)
     d_scale_local = None if scale is None else _sum_to_shape(dy * x_hat, scale.shape)
     d_bias_local = None if bias is None else _sum_to_shape(dy, bias.shape)
-  local = jnp.stack([sum_g, sum_g_xhat]) if config.centred else sum_g_xhat[None]
+  # Centred moments always have sum(g); moments about zero need only sum(g * x_hat).
+  if config.centred and sum_g is not None:
+    local = jnp.stack([sum_g, sum_g_xhat])
+  else:
+    local = sum_g_xhat[None]
   global_g = distributed.sum_over_devices(local, config.axis_name, config.axis_index_groups,
                                           group)
   global_g = lax.optimization_barrier(global_g)
@@ -357,5 +361,5 @@ _JITTED_NORM = {True: jax.jit(train_norm_custom_vjp, static_argnums=0), False: _
 
 
 def jitted_norm_train(custom_vjp: bool) -> Callable[..., Any]:
-  """`train_norm_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
+  """`train_norm_custom_vjp` (closed-form backward) or `train` (autodiff), as one program."""
   return _JITTED_NORM[bool(custom_vjp)]
