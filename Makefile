@@ -1,5 +1,6 @@
 # bnjax: `make demo` trains the example, `make test` runs the suite, `make bench` the benchmark,
-# `make lint` checks style and types, `make docs` builds the API reference.
+# `make lint` checks style and types, `make docs` builds the API reference,
+# `make experiments` tests the literature's claims and regenerates their FINDINGS.md.
 # Each target creates .venv and installs what it needs on first use.
 PYTHON_BOOT ?= python3
 VENV := .venv
@@ -9,9 +10,13 @@ EXTRAS := test,examples,bench
 LINT_STAMP := $(VENV)/.bnjax-lint-installed
 DOCS_STAMP := $(VENV)/.bnjax-docs-installed
 # What ruff checks; add a folder once `ruff check` passes on it. pyright checks `bnjax/`.
-RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py
+RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py \
+    bnjax_examples/experiments tests/experiments configs/experiments
 
-.PHONY: install test demo bench lint docs clean
+EXPERIMENTS := training_speed bias_gradient stop_gradient relu_order unbiased_variance
+EXPERIMENTS_DIR := bnjax_examples/experiments
+
+.PHONY: install test demo bench lint docs clean experiments
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -39,6 +44,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+# Each experiment writes result.json and plot.png to $(EXPERIMENTS_DIR)/results/<name>/; FINDINGS.md
+# is generated from them.
+experiments: $(STAMP)
+	for name in $(EXPERIMENTS); do \
+	  $(PY) -m bnjax_examples.experiments --config=configs/experiments/$$name.py \
+	      --workdir=$(EXPERIMENTS_DIR)/results/$$name || exit 1; \
+	done
+	$(PY) -m bnjax_examples.experiments.findings --results=$(EXPERIMENTS_DIR)/results \
+	    --output=$(EXPERIMENTS_DIR)/FINDINGS.md
 
 # Both checks run, so one call lists every finding; the target fails if either does.
 lint: $(LINT_STAMP)

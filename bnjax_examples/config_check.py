@@ -13,6 +13,7 @@ Every invalid field is reported at once, each with its value and the fix, in one
 """
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -20,8 +21,11 @@ import ml_collections
 
 from bnjax_examples import input_pipeline
 from bnjax_examples import models
+from bnjax_examples import nnx_models
 
 MODELS = ("CNN", "ResNet")
+APIS = ("linen", "nnx")
+NNX_NORMS = nnx_models.NORMS  # What the NNX CNN builds.
 
 
 class ConfigError(ValueError):
@@ -114,6 +118,30 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
           "checkpoint_every_epochs", "must be an int >= 0 (0: only at the end).")
   require(is_int(config.stop_at_step) and config.stop_at_step >= 0, "stop_at_step",
           "must be an int >= 0 (0: train to the end).")
+  api = config.get("api", "linen")
+  init_from = config.get("init_from", "")
+  require(api in APIS, "api", f"unknown Flax API; use one of {', '.join(APIS)}, e.g. "
+          "--config.api=nnx.")
+  if api == "nnx":
+    require(config.model == "CNN", "model",
+            "the NNX path (config.api='nnx') builds the CNN only; use --config.model=CNN.")
+    require(config.norm in NNX_NORMS, "norm",
+            f"the NNX path (config.api='nnx') builds the CNN with {', '.join(NNX_NORMS)}.")
+    require(all(n in NNX_NORMS for n in compare), "compare_norms",
+            f"the NNX path (config.api='nnx') compares only {', '.join(NNX_NORMS)}.")
+    require(not init_from, "init_from",
+            "fine-tuning from a checkpoint is built for the linen path only; drop "
+            "--config.api=nnx (or --config.init_from).")
+  require(init_from is not None, "init_from",
+          "this config fine-tunes a finished run: give its work directory, e.g. "
+          "--config.init_from=workdir/default.")
+  require(init_from is None or (isinstance(init_from, str)
+                                and (not init_from or os.path.isdir(init_from))),
+          "init_from", "must be \"\" (train from scratch) or the --workdir of a finished "
+          "run, an existing directory.")
+  if init_from:
+    require(not compare, "compare_norms",
+            "fine-tuning (config.init_from) starts from one run's checkpoint; use ().")
   for field in ("augment", "progress_bar", "fast_compile"):
     require(isinstance(config.get(field), bool), field, "must be True or False.")
   if problems:

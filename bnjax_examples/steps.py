@@ -106,8 +106,8 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                            batch_stats=variables.get("batch_stats", {}))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array],
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], axis_name: str | None = None, *,
+               freeze_norms: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a batch, or on this device's share of it under a mapped `axis_name`.
 
   The norm layers combine their batch statistics over the model's axis themselves and return
@@ -117,6 +117,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     state: the train state (replicated when `axis_name` is given).
     batch: ``{'image': [n, H, W, C] float32, 'label': [n] int32}``.
     axis_name: the mapped axis the batch is split along (the model's); None on one device.
+    freeze_norms: call the model in evaluation mode (``train=False``): the norm layers normalise
+      with their running statistics and leave ``batch_stats`` unchanged (fine-tuning with frozen
+      batch norm, `bnjax_examples.fine_tune`).
 
   Returns:
     ``(new_state, metrics)``, the `metrics.batch_sums` of the (global) batch: ``loss_sum``,
@@ -125,8 +128,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    logits_NK, updates = state.apply_fn(variables, batch["image"], train=True,
-                                        mutable=["batch_stats"])
+    if freeze_norms:
+      logits_NK, updates = state.apply_fn(variables, batch["image"], train=False), {}
+    else:
+      logits_NK, updates = state.apply_fn(variables, batch["image"], train=True,
+                                          mutable=["batch_stats"])
     loss_N = optax.softmax_cross_entropy_with_integer_labels(logits_NK, batch["label"])
     return jnp.mean(loss_N), (logits_NK, loss_N, updates)
 

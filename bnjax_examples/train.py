@@ -7,7 +7,9 @@ together, so the effect of batch norm is visible.
 This module puts a run together from its parts, each in its own module: `config_check` (the config
 is valid), `input_pipeline` (data), `steps` (model, optimizer, the pure train and eval steps),
 `parallel` (the mesh over every device, the batch split along it), `loop` (epochs, metrics,
-checkpoints), `checkpointing` and `reporting` (metrics file, plots).
+checkpoints), `checkpointing` and `reporting` (metrics file, plots). ``config.api='nnx'`` swaps
+`steps` for `nnx_steps` (the same CNN in Flax NNX), and ``config.init_from`` fine-tunes a
+finished run with frozen batch norm (`fine_tune`); the rest is shared.
 """
 
 from collections.abc import Callable
@@ -22,9 +24,11 @@ import ml_collections
 
 from bnjax_examples import checkpointing
 from bnjax_examples import config_check
+from bnjax_examples import fine_tune
 from bnjax_examples import input_pipeline
 from bnjax_examples import loop
 from bnjax_examples import metrics
+from bnjax_examples import nnx_steps
 from bnjax_examples import parallel
 from bnjax_examples import reporting
 from bnjax_examples import steps
@@ -35,6 +39,16 @@ NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
                "layer": "bnjax layer norm", "group": "bnjax group norm",
                "instance": "bnjax instance norm", "rms": "bnjax RMS norm",
                "none": "no normalisation"}
+NNX_NORM_LABELS = {"bnjax": "bnjax.nnx.BatchNorm", "flax": "flax.nnx.BatchNorm",
+                   "none": "no normalisation (NNX)"}
+
+
+def run_label(config: ml_collections.ConfigDict, norm: str | None = None) -> str:
+  """What a run is called in logs and plots: its norm layer, the API, fine-tuning."""
+  norm = config.norm if norm is None else norm
+  label = (NNX_NORM_LABELS.get(norm, NORM_LABELS[norm]) if config.get("api", "linen") == "nnx"
+           else NORM_LABELS[norm])
+  return label + (", fine-tuned, batch norm frozen" if config.get("init_from") else "")
 
 
 def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
@@ -57,6 +71,38 @@ def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
                                 fast_compile=fast_compile)
 
 
+def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset, mesh: Mesh,
+              learning_rate_fn: Callable[[Any], jax.Array]) -> tuple[Any, Callable, Callable]:
+  """The initial state (replicated), the train step and the eval step of the config's path.
+
+  ``config.api='linen'`` trains `steps`' linen model; with ``config.init_from`` it fine-tunes the
+  checkpoint of that run with frozen batch norm (`fine_tune`). ``config.api='nnx'`` trains the
+  NNX model of `nnx_steps`. Every path runs on the same mesh, data and loop.
+  """
+  key = jax.random.key(config.seed)
+  if config.get("api", "linen") == "nnx":
+    state = parallel.replicate(functools.partial(
+        nnx_steps.create_train_state, key, config, dataset.num_classes, dataset.image_shape,
+        learning_rate_fn, axis_name=parallel.AXIS), mesh)
+    return state, *(parallel.data_parallel(
+        functools.partial(step, axis_name=parallel.AXIS), mesh, donate_state=donate,
+        fast_compile=config.fast_compile) for step, donate in
+        ((nnx_steps.functional_train_step, True), (nnx_steps.functional_eval_step, False)))
+  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
+  if config.get("init_from"):
+    state = parallel.replicate(fine_tune.initial_state(config, model, dataset.image_shape,
+                                                       learning_rate_fn), mesh)
+    train_fn = parallel.data_parallel(
+        functools.partial(fine_tune.train_step, axis_name=parallel.AXIS), mesh,
+        donate_state=True, fast_compile=config.fast_compile)
+  else:
+    state = parallel.replicate(functools.partial(
+        steps.create_train_state, key, config, model, dataset.image_shape, learning_rate_fn),
+        mesh)
+    train_fn = parallel_train_step(mesh, fast_compile=config.fast_compile)
+  return state, train_fn, parallel_eval_step(mesh, fast_compile=config.fast_compile)
+
+
 def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline.Dataset,
              mesh: Mesh, global_batch_size: int) -> dict[str, float]:
   """Test loss and accuracy over the whole test set, with the running statistics."""
@@ -68,7 +114,7 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline
 
 def run_description(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
   """What a checkpoint records of its run: the data stream (must match to resume), the model."""
-  model_fields = {"model": config.model, "norm": config.norm}
+  model_fields = {"model": config.model, "norm": config.norm, "api": config.get("api", "linen")}
   model_fields.update(config.cnn.to_dict() if config.model == "CNN" else config.resnet.to_dict())
   return {"data": {"dataset": config.dataset, "seed": config.seed,
                    "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
@@ -114,14 +160,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   metrics_path = os.path.join(workdir, reporting.METRICS_FILE)
   mesh = parallel.create_mesh()
   logging.info("Training %s with %s on %s: %d train / %d test examples, %d steps per epoch, "
-               "on %s.", config.model, NORM_LABELS[config.norm], config.dataset, num_train,
+               "on %s.", config.model, run_label(config), config.dataset, num_train,
                len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
 
-  model = steps.create_model(config, dataset.num_classes, axis_name=parallel.AXIS)
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
-  state = parallel.replicate(functools.partial(
-      steps.create_train_state, jax.random.key(config.seed), config, model, dataset.image_shape,
-      learning_rate_fn), mesh)
+  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                             run_description(config, steps_per_epoch))
   totals = metrics.EpochTotals()
@@ -139,7 +182,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     logging.info("The checkpoint at step %d already finished the %d steps of this config; delete "
                  "%s to train again.", start_step, num_steps, workdir)
 
-  eval_fn = parallel_eval_step(mesh, fast_compile=config.fast_compile)
   batches = (parallel.shard_batch(batch, mesh, config.batch_size)
              for batch in input_pipeline.train_batches(
                  dataset, global_batch_size=config.batch_size, seed=config.seed,
@@ -147,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                  rows=parallel.process_rows(mesh, config.batch_size), augment=config.augment))
   state = loop.run(
       state, start_step=start_step, schedule=schedule,
-      train_fn=parallel_train_step(mesh, fast_compile=config.fast_compile), batches=batches,
+      train_fn=train_fn, batches=batches,
       evaluate_fn=lambda state: evaluate(eval_fn, state, dataset, mesh, config.eval_batch_size),
       epoch_fields=lambda step: {"learning_rate": float(learning_rate_fn(step - 1)),
                                  "norm": config.norm},
@@ -157,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
     records = reporting.read_metrics(metrics_path)
     if records:
       reporting.plot_learning_curves(
-          {NORM_LABELS[config.norm]: records}, os.path.join(workdir, reporting.PLOT_FILE),
+          {run_label(config): records}, os.path.join(workdir, reporting.PLOT_FILE),
           title=f"{config.model} on {config.dataset}")
   return state
 
@@ -185,7 +227,7 @@ def compare_norms(config: ml_collections.ConfigDict,
       run_config.compare_norms = ()
     states[norm] = train_and_evaluate(run_config, os.path.join(workdir, norm))
   if jax.process_index() == 0:
-    runs = {NORM_LABELS[norm]: reporting.read_metrics(
+    runs = {run_label(config, norm): reporting.read_metrics(
         os.path.join(workdir, norm, reporting.METRICS_FILE)) for norm in config.compare_norms}
     reporting.plot_learning_curves(
         runs, os.path.join(workdir, reporting.COMPARISON_PLOT_FILE),

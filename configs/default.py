@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One of: bnjax, flax (flax.linen.BatchNorm), whitening, layer, group, instance, rms (bnjax's
   # per-example norms, `bnjax_examples.models.PerExampleNorm`), none.
   config.norm = "bnjax"
+  # The Flax API of the model: "linen", or "nnx" (flax.nnx layers with bnjax.nnx.BatchNorm, or
+  # flax.nnx.BatchNorm for norm="flax"; the CNN with norm bnjax, flax or none).
+  config.api = "linen"
   # For norm="whitening" (bnjax.linen.WhiteningBatchNorm): IterNorm on groups of 16 channels.
   # The hidden dense layer sees one row per example, so its groups need well under
   # batch_size channels (see the README's "Whitening" section).
@@ -51,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 20
   config.steps_per_epoch = -1  # -1: one pass over the training set; more than that is capped.
   config.seed = 0
+  # Fine-tuning: the --workdir of a finished run whose newest checkpoint's params and batch_stats
+  # start this run, with batch norm frozen (see configs/fine_tune.py). "": train from scratch.
+  config.init_from = ""
   # On CPU, compile without LLVM optimisation: about half the compile time, a few times slower
   # steps. Worth it only for runs of a few steps (the smoke tests).
   config.fast_compile = False

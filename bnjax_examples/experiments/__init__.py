@@ -1,0 +1,26 @@
+"""Experiments that test what the batch-norm literature claims, with bnjax, at CPU scale.
+
+Run one from the repository root (it writes ``result.json`` and ``plot.png`` to the work
+directory)::
+
+  python -m bnjax_examples.experiments --config=configs/experiments/<name>.py --workdir=DIR
+
+``make experiments`` runs them all into ``bnjax_examples/experiments/results/<name>/`` and
+regenerates ``FINDINGS.md`` from the results (`findings`). One module per claim, sharing `harness`.
+"""
+
+# The claims, in the order FINDINGS.md lists them: experiment name -> module.
+EXPERIMENTS = {
+    "training_speed": "bnjax_examples.experiments.training_speed",
+    "bias_gradient": "bnjax_examples.experiments.bias_gradient",
+    "stop_gradient": "bnjax_examples.experiments.stop_gradient",
+    "relu_order": "bnjax_examples.experiments.relu_order",
+    "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
+}
+
+# What every result.json holds, as FINDINGS.md needs it.
+RESULT_FIELDS = ("name", "claim_number", "claim", "source", "published", "criterion", "measured",
+                 "verdict", "command", "plot", "seeds", "elapsed_s", "notes", "data")
+VERDICTS = ("confirmed", "not confirmed", "inconclusive")
+RESULT_FILE = "result.json"
+PLOT_FILE = "plot.png"

@@ -1,0 +1,1 @@
+"""One config per experiment of `bnjax_examples.experiments`."""

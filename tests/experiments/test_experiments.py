@@ -1,0 +1,105 @@
+"""Every experiment runs at ``:smoke`` size and writes the result.json and plot FINDINGS needs.
+
+One module-scoped run per experiment (seconds each, compiled without LLVM optimisation); the tests
+then read what it wrote.
+"""
+
+import importlib
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bnjax_examples.experiments import EXPERIMENTS
+from bnjax_examples.experiments import PLOT_FILE
+from bnjax_examples.experiments import RESULT_FIELDS
+from bnjax_examples.experiments import RESULT_FILE
+from bnjax_examples.experiments import VERDICTS
+from bnjax_examples.experiments import runner
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "experiments")
+
+
+@pytest.fixture(scope="module", params=sorted(EXPERIMENTS))
+def smoke_run(request, tmp_path_factory):
+  """``(name, result read back from result.json, workdir)`` of the experiment's smoke run."""
+  name = request.param
+  config = importlib.import_module(f"configs.experiments.{name}").get_config("smoke")
+  workdir = str(tmp_path_factory.mktemp(name))
+  runner.run_experiment(config, workdir)
+  with open(os.path.join(workdir, RESULT_FILE)) as f:
+    return name, json.load(f), workdir
+
+
+def test_smoke_run_writes_every_field_and_a_plot(smoke_run):
+  name, result, workdir = smoke_run
+  assert [field for field in RESULT_FIELDS if field not in result] == []
+  assert result["name"] == name
+  assert result["verdict"] in VERDICTS
+  assert result["command"].startswith(
+      f"python -m bnjax_examples.experiments --config=configs/experiments/{name}.py:smoke")
+  assert "confirmed if" in result["criterion"]  # The criterion, stated before the number.
+  assert result["seeds"]
+  assert result["measured"]
+  with open(os.path.join(workdir, PLOT_FILE), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_measures_what_its_claim_needs(smoke_run):
+  name, result, _ = smoke_run
+  data = result["data"]
+  if name == "bias_gradient":
+    cases = {(r["mode"], r["case"]) for r in data["rows"]}
+    assert {("train", "plain"), ("train", "masked"), ("train", "8 devices"),
+            ("eval", "plain")} <= cases
+    # Cancellation is exact up to rounding at any size; evaluation mode is not cancelled.
+    assert result["verdict"] == "confirmed"
+  elif name == "training_speed":
+    for arm in data["arms"].values():
+      steps = np.asarray(arm["steps_to_target"])
+      assert steps.shape == (len(data["learning_rates"]), len(result["seeds"]))
+      assert np.all((steps > 0) | np.isinf(steps))
+      assert len(arm["final_accuracy"]) == len(data["learning_rates"])
+  elif name == "stop_gradient":
+    rows = data["table"]["batch norm"].values()
+    assert all(row["bias_norm_final"]["mean"] < 1e-4 for row in rows)  # Zero gradient.
+    rows = data["table"]["stop_gradient"].values()
+    assert all(row["bias_norm_final"]["mean"] > 1e-3 for row in rows)
+    assert all("train_loss_change" in row for row in rows)
+  elif name == "relu_order":
+    assert set(data["summary"]) == {"mlp", "cnn"}
+    for summary in data["summary"].values():
+      assert {"before", "after", "none", "difference", "standard_error"} == set(summary)
+      # After the norm, the next layer's inputs have zero mean and unit std in training mode.
+      np.testing.assert_allclose(summary["after"]["initial_mean"]["mean"], 0, atol=1e-4)
+      np.testing.assert_allclose(summary["after"]["initial_std"]["mean"], 1, atol=1e-3)
+    assert math.isclose(data["gaussian_mean"], 0.3989, abs_tol=1e-4)
+    assert math.isclose(data["gaussian_std"], 0.5838, abs_tol=1e-4)
+  elif name == "unbiased_variance":
+    sizes = data["batch_sizes"]
+    assert set(data["summary"]) == {str(m) for m in sizes}
+    assert math.isclose(data["theory"]["2"], math.sqrt(2), rel_tol=1e-12)
+    for m in sizes:
+      assert {"biased_ratio", "unbiased_ratio", "precise_accuracy"} <= set(data["summary"][str(m)])
+  else:
+    pytest.fail(f"No check for experiment {name!r}.")
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_config_opens_with_its_command(name):
+  with open(os.path.join(CONFIG_DIR, f"{name}.py")) as f:
+    first_line = f.readline()
+  assert first_line.startswith(
+      f'r"""python -m bnjax_examples.experiments --config=configs/experiments/{name}.py')
+  module = importlib.import_module(f"configs.experiments.{name}")
+  assert module.get_config().experiment == name
+  assert len(module.get_config().seeds) >= 3
+  with pytest.raises(ValueError, match="smoke"):
+    module.get_config("huge")
+
+
+def test_eight_devices_are_simulated():
+  assert jax.device_count() >= 8  # The bias-gradient experiment's sharded case needs them.
