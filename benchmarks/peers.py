@@ -20,6 +20,7 @@ imported inside its builder, so a run that leaves it out never loads it.
 
 from collections.abc import Callable, Mapping
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -394,8 +395,97 @@ WHITENING = Comparison(
     references={names.VS_BATCH_NORM: names.WHITENING_REFERENCE}, shown=(names.VS_BATCH_NORM,),
     shown_label="× bnjax batch norm", full_shapes=names.WHITENING_SHAPES, dtypes=("float32",))
 
+# ============================================================================ normalization family
+# Per-example norms: no running statistics, so `state` is () and passes through. Each is compared
+# with Flax's linen layer on the same shapes (features last), at its default (the fast variance
+# E[x²]−E[x]², inexact far from zero) and, for the centred norms, with `use_fast_variance=False`.
+
+
+def _groups(shape: Shape) -> int:
+  """32 groups (Wu & He's default), or the largest count that divides the channels."""
+  return math.gcd(32, shape[-1])
+
+
+def _bnjax_norm(fn: Callable[..., Any], use_bias: bool = True) -> Callable[[Shape, str], JaxLayer]:
+  def build(shape: Shape, dtype_name: str) -> JaxLayer:
+    del dtype_name  # bnjax's parameters and statistics are float32 for every input dtype.
+    params = bnjax.init_params(shape[-1], use_bias=use_bias)
+    return JaxLayer(lambda x, params, state: (fn(params, x, shape), state), params, ())
+
+  return build
+
+
+def _flax_norm(make: Callable[[Shape, str], nn.Module]) -> Callable[[Shape, str], JaxLayer]:
+  def build(shape: Shape, dtype_name: str) -> JaxLayer:
+    module = make(shape, dtype_name)
+    small = (shape[0], *(2,) * (len(shape) - 2), shape[-1])  # the same parameters, cheaper.
+    variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros(small, dtype_name))
+    return JaxLayer(lambda x, params, state: (module.apply({"params": params}, x), state),
+                    variables["params"], ())
+
+  return build
+
+
+def _implementations(bnjax_fn: Callable[..., Any], flax_class: Any, description: str,
+                     use_bias: bool = True, exact_peer: bool = True,
+                     **flax_fields: Callable[[Shape], Any]) -> tuple[Implementation, ...]:
+  def make(fast_variance: bool) -> Callable[[Shape, str], nn.Module]:
+    def module(shape: Shape, dtype_name: str) -> nn.Module:
+      fields = {k: v(shape) for k, v in flax_fields.items()}
+      if exact_peer:
+        fields["use_fast_variance"] = fast_variance
+      return flax_class(epsilon=EPSILON, dtype=jnp.dtype(dtype_name), **fields)
+
+    return module
+
+  rows = [Implementation(BNJAX, f"`{bnjax_fn.__name__}` (this repository)",
+                         build=_bnjax_norm(bnjax_fn, use_bias), in_stack=False),
+          Implementation(FLAX, f"`{description}` default", build=_flax_norm(make(True)),
+                         in_stack=False)]
+  if exact_peer:
+    rows.append(Implementation(FLAX_EXACT, f"`{description}(use_fast_variance=False)`",
+                               build=_flax_norm(make(False)), in_stack=False))
+  return tuple(rows)
+
+
+def bnjax_layer_norm(params: Any, x: Any, shape: Shape) -> Any:
+  """`bnjax.layer_norm` over the last axis."""
+  del shape
+  return bnjax.layer_norm(params, x, epsilon=EPSILON)
+
+
+def bnjax_group_norm(params: Any, x: Any, shape: Shape) -> Any:
+  """`bnjax.group_norm` with `_groups(shape)` groups over every axis but the batch."""
+  return bnjax.group_norm(params, x, num_groups=_groups(shape), epsilon=EPSILON)
+
+
+def bnjax_rms_norm(params: Any, x: Any, shape: Shape) -> Any:
+  """`bnjax.rms_norm` over the last axis."""
+  del shape
+  return bnjax.rms_norm(params, x, epsilon=EPSILON)
+
+
+_FAMILY_REFERENCES = {names.VS_FLAX: FLAX}
+LAYER_NORM = Comparison(
+    name="layer norm", heading="layer norm",
+    implementations=_implementations(bnjax_layer_norm, nn.LayerNorm, "flax.linen.LayerNorm"),
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((4096, 1024), (16, 512, 1024)))
+GROUP_NORM = Comparison(
+    name="group norm", heading="group norm (32 groups, or gcd(32, C))",
+    implementations=_implementations(bnjax_group_norm, nn.GroupNorm, "flax.linen.GroupNorm",
+                                     num_groups=_groups),
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((128, 16, 16, 256),))
+RMS_NORM = Comparison(
+    name="rms norm", heading="RMS norm",
+    implementations=_implementations(bnjax_rms_norm, nn.RMSNorm, "flax.linen.RMSNorm",
+                                     use_bias=False, exact_peer=False),
+    references=_FAMILY_REFERENCES, shown=(names.VS_FLAX,), shown_label="× Flax default",
+    full_shapes=((4096, 1024),))
+
 # Every comparison the micro-benchmarks run, in report order.
-COMPARISONS = (BATCH_NORM, WHITENING)
+COMPARISONS = (BATCH_NORM, WHITENING, LAYER_NORM, GROUP_NORM, RMS_NORM)
 
 # The stack-memory table: batch norm's JAX rows that keep something, and plain autodiff.
 STACK_IMPLEMENTATIONS = tuple(

@@ -12,6 +12,11 @@ from bnjax.functional import batch_norm as batch_norm
 from bnjax.functional import from_torch_momentum as from_torch_momentum
 from bnjax.functional import init as init
 from bnjax.functional import update_running_stats as update_running_stats
+from bnjax.norms import group_norm as group_norm
+from bnjax.norms import init_params as init_params
+from bnjax.norms import instance_norm as instance_norm
+from bnjax.norms import layer_norm as layer_norm
+from bnjax.norms import rms_norm as rms_norm
 from bnjax.types import BatchNormParams as BatchNormParams
 from bnjax.types import BatchNormState as BatchNormState
 from bnjax.types import BatchStats as BatchStats
@@ -47,8 +52,13 @@ __all__ = [
     "WhiteningStats",
     "batch_norm",
     "from_torch_momentum",
+    "group_norm",
     "init",
+    "init_params",
     "init_whitening",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
     "update_running_stats",
     "whitening_batch_norm",
 ]

@@ -235,3 +235,65 @@ def check_ghost_batch_size(ghost_batch_size: Any, x_shape: tuple[Any, ...],
     fail(where, f"`ghost_batch_size` needs a static batch size; `x` has the symbolic leading "
          f"size {x_shape[0]}.")
   return int(ghost_batch_size)
+
+
+# ----------------------------------------------------------------------------- normalisation family
+
+
+def canonical_named_axes(ndim: int, axes: Any, name: str, where: str) -> tuple[int, ...]:
+  """`axes` (an int or a sequence of ints) as a sorted tuple of non-negative ints.
+
+  Raises naming the argument `name` (``reduction_axes``, ``feature_axes``).
+  """
+  if isinstance(axes, numbers.Integral) and not isinstance(axes, bool):
+    items = (axes,)
+  elif isinstance(axes, Sequence) and not isinstance(axes, str):
+    items = tuple(axes)
+  else:
+    fail(where, f"`{name}` must be an int or a sequence of ints; got {axes!r}.", TypeError)
+  if not items:
+    fail(where, f"`{name}` must name at least one axis; got {axes!r}.")
+  for a in items:
+    if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+      fail(where, f"`{name}` must be an int or a sequence of ints; got {axes!r}.", TypeError)
+    if not -ndim <= int(a) < ndim:
+      fail(where, f"`{name}` {axes!r} is out of range for `x` of rank {ndim}; expected values "
+           f"in [{-ndim}, {ndim - 1}].")
+  canonical = tuple(sorted({int(a) % ndim for a in items}))
+  if len(canonical) != len(items):
+    fail(where, f"`{name}` {axes!r} names the same axis twice for `x` of rank {ndim}.")
+  return canonical
+
+
+def check_epsilon(epsilon: Any, where: str) -> None:
+  """`epsilon` must be a scalar > 0 (a traced value passes)."""
+  if np.ndim(epsilon) != 0:
+    fail(where, f"`epsilon` must be a scalar > 0; got an array of shape {np.shape(epsilon)}.")
+  _check_number(epsilon, "epsilon", where, "a number > 0, so that 1/sqrt(var + epsilon) is "
+                "finite (Flax's layer, group and RMS norms use 1e-6)", lambda v: v > 0.0)
+
+
+def check_params(params: Any, feature_shape: tuple[int, ...], x_shape: tuple[int, ...],
+                 described: str, where: str) -> None:
+  """`params` must have ``scale`` and ``bias``, each None or a floating array of `feature_shape`.
+
+  `described` says where that shape comes from, for the message.
+  """
+  if not all(hasattr(params, f) for f in ("scale", "bias")):
+    hint = (f"a dict with keys {sorted(params)}; convert it with `bnjax.BatchNormParams(**d)`"
+            if isinstance(params, dict) else repr(params))
+    fail(where, f"`params` must have the fields ('scale', 'bias'); got {hint}. Create it with "
+         f"`bnjax.init_params({_shape_hint(feature_shape)})`.", TypeError)
+  for name in ("scale", "bias"):
+    value = getattr(params, name)
+    if value is None:
+      continue
+    if tuple(np.shape(value)) != tuple(feature_shape):
+      fail(where, f"`params.{name}` has shape {tuple(np.shape(value))} but `x` of shape "
+           f"{tuple(x_shape)} needs {tuple(feature_shape)} ({described}). Create the parameters "
+           f"with `bnjax.init_params({_shape_hint(feature_shape)})`.")
+    check_floating(value, f"params.{name}", where)
+
+
+def _shape_hint(shape: tuple[int, ...]) -> str:
+  return str(shape[0]) if len(shape) == 1 else str(tuple(shape))

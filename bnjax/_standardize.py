@@ -55,6 +55,9 @@ class TrainConfig(NamedTuple):
   renorm: bool = False
   # Axis 0 of `x` indexes ghost batches, each normalised with its own (device-local) statistics.
   ghost: bool = False
+  # False: moments about zero (`stats.uncentred_moments`), so ``var`` is the mean square and
+  # nothing is subtracted (RMS normalisation); only with `train_norm_custom_vjp` or `train`.
+  centred: bool = True
 
 
 def centre(x: Array, mask: Array | None, centre_: Array, delta: Array | None) -> Array:
@@ -85,16 +88,24 @@ def _statistics(config: TrainConfig, x: Array, mask: Array | None, fallback_mean
 
   Channels without any valid value are normalised with the fallback (running) statistics.
   """
-  moments = stats.local_moments(x, mask, config.reduce_axes, config.route)
   uniform = None if mask is not None else math.prod(x.shape[a] for a in config.reduce_axes)
+  if config.centred:
+    moments = stats.local_moments(x, mask, config.reduce_axes, config.route)
+  else:
+    moments = stats.uncentred_moments(x, mask, config.reduce_axes)
   per_ghost = moments
   if config.ghost:  # the update takes the exact statistics of the whole batch.
     moments = jax.tree.map(lambda v: v[None], stats.merge_moments(per_ghost, axis=0))
     uniform = None if uniform is None else uniform * x.shape[0]
-  moments = distributed.combine_moments(
-      moments, config.axis_name, config.axis_index_groups,
-      shared_pivot=fallback_mean if config.pivot_shared else None, uniform_count=uniform,
-      count_shape=config.count_shape, route=config.route)
+  if config.centred:
+    moments = distributed.combine_moments(
+        moments, config.axis_name, config.axis_index_groups,
+        shared_pivot=fallback_mean if config.pivot_shared else None, uniform_count=uniform,
+        count_shape=config.count_shape, route=config.route)
+  else:
+    moments = distributed.combine_uncentred_moments(
+        moments, config.axis_name, config.axis_index_groups, uniform_count=uniform,
+        count_shape=config.count_shape)
   normalising = per_ghost if config.ghost else moments
   has_data = normalising.count > 0
   fallback_mean = stats.align(fallback_mean, normalising.pivot)
@@ -190,38 +201,41 @@ def _train_fwd(config: TrainConfig, x: Array, mask: Array | None, scale: Array |
 
 
 def _local_sums(config: TrainConfig, xs: Array, dy: Array, mask: Array | None, centre_: Array,
-                delta: Array, inv_std: Array, raw_sums_ok: Array) -> tuple[Array, Array]:
-  """This device's ``(sum(dy), sum(dy * x_hat))`` over the reduced axes, cheapest exact route."""
+                delta: Array, inv_std: Array, raw_sums_ok: Array,
+                scale: Array | None = None) -> tuple[Array, Array]:
+  """This device's ``(sum(g), sum(g * x_hat))``, ``g = dy * scale`` (or ``dy``): cheapest route."""
   axes = config.reduce_axes
 
-  def centred_sums(xs: Array, dy: Array, centre_: Array, delta: Array,
-                   inv_std: Array) -> tuple[Array, Array]:
+  def centred_sums(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
+                   scale: Array | None) -> tuple[Array, Array]:
     x_hat = centre(xs, mask, centre_, delta) * inv_std
-    return jnp.sum(dy, axis=axes, keepdims=True), jnp.sum(dy * x_hat, axis=axes, keepdims=True)
+    g = dy if scale is None else dy * scale
+    return jnp.sum(g, axis=axes, keepdims=True), jnp.sum(g * x_hat, axis=axes, keepdims=True)
 
   if mask is not None:
-    return centred_sums(xs, dy, centre_, delta, inv_std)
+    return centred_sums(xs, dy, centre_, delta, inv_std, scale)
 
   def adaptive(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
-               raw_sums_ok: Array) -> tuple[Array, Array]:
+               raw_sums_ok: Array, scale: Array | None) -> tuple[Array, Array]:
     def raw_sums(_: Any) -> tuple[Array, Array]:
       # sum(dy * x_hat) = inv_std * (sum(dy * x) - mean * sum(dy)): no per-channel operand in the
       # reductions, so XLA:CPU reads dy and x without writing x_hat out. Used only where the mean
       # is within ~4 standard deviations of 0, so the subtraction cancels at most a few bits.
-      sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
-      sum_dy_x = jnp.sum(dy * xs, axis=axes, keepdims=True)
+      g = dy if scale is None else dy * scale
+      sum_dy = jnp.sum(g, axis=axes, keepdims=True)
+      sum_dy_x = jnp.sum(g * xs, axis=axes, keepdims=True)
       return sum_dy, inv_std * (sum_dy_x - (centre_ + delta) * sum_dy)
 
     return lax.cond(raw_sums_ok, raw_sums,
-                    lambda _: centred_sums(xs, dy, centre_, delta, inv_std), None)
+                    lambda _: centred_sums(xs, dy, centre_, delta, inv_std, scale), None)
 
   def one_pass(xs: Array, dy: Array, centre_: Array, delta: Array, inv_std: Array,
-               raw_sums_ok: Array) -> tuple[Array, Array]:
+               raw_sums_ok: Array, scale: Array | None) -> tuple[Array, Array]:
     del raw_sums_ok
-    return centred_sums(xs, dy, centre_, delta, inv_std)
+    return centred_sums(xs, dy, centre_, delta, inv_std, scale)
 
   fn = stats.route_dispatch(adaptive, one_pass, config.route)
-  return fn(xs, dy, centre_, delta, inv_std, raw_sums_ok)
+  return fn(xs, dy, centre_, delta, inv_std, raw_sums_ok, scale)
 
 
 def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
@@ -309,6 +323,115 @@ def _train_bwd(config: TrainConfig, residuals: tuple[Any, ...],
 train_custom_vjp.defvjp(_train_fwd, _train_bwd)
 
 
+# ----------------------------------------------------------------------------- any affine layout
+
+
+def _sum_to_shape(value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums `value` over the axes where `shape` is 1 and `value` is not.
+
+  The transpose of broadcasting an array of `shape` to `value`'s shape (both have the same rank).
+  """
+  axes = tuple(a for a, (size, full) in enumerate(zip(shape, value.shape, strict=True))
+               if size == 1 != full)
+  return jnp.sum(value, axis=axes, keepdims=True) if axes else value
+
+
+def _norm_bwd(config: TrainConfig, residuals: Any, cotangents: Any) -> tuple[Any, ...]:
+  """The backward of `train_norm_custom_vjp`: `_train_bwd`'s formula, for any affine layout.
+
+  With ``g = scale * dy`` and sums over the reduced axes (across devices along the named axis),
+
+      dx = inv_std * (g - [valid] (c * sum(g) + x_hat * sum(g * x_hat)) / count),
+
+  ``c = 1`` for centred moments and ``c = 0`` for moments about zero (nothing was subtracted, so
+  the mean has no cotangent); ``d_scale`` and ``d_bias`` sum ``dy * x_hat`` and ``dy`` over the
+  axes along which each is broadcast, then over the mesh axes it is replicated on.
+
+  The reduced axes along which ``scale`` and ``bias`` are constant (instance norm's ``(H, W)``,
+  group norm's ``(H, W)`` but not its channels) are reduced first, by `_local_sums`' cheapest exact
+  route: every other sum, the parameters' included, then comes from these partial sums of ``dy``
+  and ``dy * x_hat``, so ``dy`` and ``x`` are read once for all of them. Where the parameters vary
+  along every reduced axis (layer norm over its features), the per-row sums take ``g`` and the
+  parameters' sums are reductions of their own, across the rows.
+  """
+  (x, mask, scale, bias, epsilon, centre_, delta, inv_std, count, raw_sums_ok, group, _,
+   _) = residuals  # The last two, Batch Renormalization's r and d, are None here.
+  dy = cotangents[0].astype(config.stats_dtype)
+  xs = x.astype(config.stats_dtype)
+  axes = config.reduce_axes
+  params = [p for p in (scale, bias) if p is not None]
+  inner = tuple(a for a in axes if all(p.shape[a] == 1 for p in params))
+  outer = tuple(a for a in axes if a not in inner)
+  x_hat = centre(xs, mask, centre_, delta) * inv_std
+
+  if inner:
+    if config.centred:
+      partial = _local_sums(config._replace(reduce_axes=inner), xs, dy, mask, centre_, delta,
+                            inv_std, raw_sums_ok)
+    else:  # nothing was subtracted: sum(dy * x_hat) cancels nothing, one plain reduction.
+      partial = (jnp.sum(dy, axis=inner, keepdims=True),
+                 jnp.sum(dy * x_hat, axis=inner, keepdims=True))
+    # Each device's own scale times its own sums: exact when scale differs across devices.
+    scaled = [v if scale is None else v * scale for v in partial]
+    sum_g, sum_g_xhat = (jnp.sum(v, axis=outer, keepdims=True) if outer else v for v in scaled)
+    d_scale_local = None if scale is None else _sum_to_shape(partial[1], scale.shape)
+    d_bias_local = None if bias is None else _sum_to_shape(partial[0], bias.shape)
+  else:
+    if config.centred:
+      sum_g, sum_g_xhat = _local_sums(config, xs, dy, mask, centre_, delta, inv_std, raw_sums_ok,
+                                      scale)
+    else:
+      g = dy if scale is None else dy * scale
+      sum_g, sum_g_xhat = None, jnp.sum(g * x_hat, axis=axes, keepdims=True)
+    d_scale_local = None if scale is None else _sum_to_shape(dy * x_hat, scale.shape)
+    d_bias_local = None if bias is None else _sum_to_shape(dy, bias.shape)
+  # Centred moments always have sum(g); moments about zero need only sum(g * x_hat).
+  if config.centred and sum_g is not None:
+    local = jnp.stack([sum_g, sum_g_xhat])
+  else:
+    local = sum_g_xhat[None]
+  global_g = distributed.sum_over_devices(local, config.axis_name, config.axis_index_groups,
+                                          group)
+  global_g = lax.optimization_barrier(global_g)
+
+  def param_cotangent(local_sum: jax.Array | None, param: jax.Array | None,
+                      sum_axes: tuple[Any, ...]) -> jax.Array | None:
+    if local_sum is None or param is None:
+      return None
+    return distributed.sum_over_axes(local_sum.astype(param.dtype), sum_axes)
+
+  d_scale = param_cotangent(d_scale_local, scale, config.scale_sum_axes)
+  d_bias = param_cotangent(d_bias_local, bias, config.bias_sum_axes)
+  # dy/d(epsilon) = -scale * x_hat * inv_std**2 / 2 at every position; this device's own part.
+  d_eps_rows = -0.5 * inv_std * inv_std * sum_g_xhat
+  d_eps = _sum_to_shape(d_eps_rows, epsilon.shape) if epsilon.ndim else jnp.sum(d_eps_rows)
+  d_eps = distributed.sum_over_axes(d_eps.astype(epsilon.dtype), config.epsilon_sum_axes)
+
+  coefficient = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(dy.dtype),
+                          jnp.zeros((), dy.dtype))
+  correction = (global_g[0] + x_hat * global_g[1] if config.centred
+                else x_hat * global_g[0])
+  correction = coefficient * correction
+  g = dy if scale is None else dy * scale
+  if mask is None:
+    dx = inv_std * (g - correction)
+  else:
+    direct = jnp.where(mask | jnp.isfinite(xs), g, jnp.zeros((), g.dtype))
+    dx = inv_std * (direct - jnp.where(mask, correction, jnp.zeros((), g.dtype)))
+  return (dx.astype(x.dtype), None, d_scale, d_bias, None, None, d_eps, None)
+
+
+train_norm_custom_vjp = jax.custom_vjp(train, nondiff_argnums=(0,))
+train_norm_custom_vjp.__doc__ = """`train` with a closed-form backward for any affine layout.
+
+Layer, group, instance and RMS norm: the statistics are taken over `config.reduce_axes` as for
+batch norm (the forward pass and its residuals are `train_custom_vjp`'s), but `scale` and `bias`
+(of `x`'s rank) may vary along the reduced axes and be broadcast along others, and
+``config.centred=False`` normalises by the root mean square. `fallback_mean` and `fallback_var`
+must carry no gradient.
+"""
+train_norm_custom_vjp.defvjp(_train_fwd, _norm_bwd)
+
 # One compiled program per configuration for the whole training computation: inside an outer `jit`
 # it is inlined (no cost); called eagerly, and differentiated eagerly, it runs as one compiled
 # program forward and one backward instead of op by op.
@@ -319,3 +442,12 @@ _JITTED = {True: jax.jit(train_custom_vjp, static_argnums=0),
 def jitted_train(custom_vjp: bool) -> Any:
   """`train_custom_vjp` (closed-form backward) or `train` (autodiff), compiled as one program."""
   return _JITTED[bool(custom_vjp)]
+
+
+# As `jitted_train`, for layer, group, instance and RMS norm (`train_norm_custom_vjp`).
+_JITTED_NORM = {True: jax.jit(train_norm_custom_vjp, static_argnums=0), False: _JITTED[False]}
+
+
+def jitted_norm_train(custom_vjp: bool) -> Callable[..., Any]:
+  """`train_norm_custom_vjp` (closed-form backward) or `train` (autodiff), as one program."""
+  return _JITTED_NORM[bool(custom_vjp)]

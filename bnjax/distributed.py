@@ -263,6 +263,50 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
 
 
 
+# ----------------------------------------------------------------------------- moments about zero
+
+
+def combine_uncentred_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = None, *,
+                              uniform_count: Any = None,
+                              count_shape: tuple[int, ...] | None = None) -> Moments:
+  """Merges per-device moments about zero (`stats.uncentred_moments`) over `axis_name`.
+
+  Their pivot is 0 on every device, a provably shared pivot, and sums of squares around it cancel
+  nothing, so the first round of `combine_moments` (one all-reduce of the power sums around 0,
+  i.e. of ``sum(x**2)``, and of the counts when they differ) is exact on every platform: no second
+  round and no `lax.cond`.
+
+  Args:
+    moments: this device's moments about zero.
+    axis_name: a named axis bound by `shard_map`, `pmap` or `vmap`, a tuple of them, or None
+      (returns `moments`).
+    axis_index_groups: None, or a partition of the axis indices into groups combined separately.
+    uniform_count: as in `combine_moments`: the number of values per channel on every device when
+      it is the same on all, or None to send counts with the sums.
+    count_shape: as in `combine_moments`: the shape in which counts travel when they differ.
+
+  Returns:
+    Moments about zero of the union of the group's data, bit-identical on every member.
+  """
+  if axis_name is None:
+    return moments
+  if uniform_count is None:
+    static_total = None
+    if count_shape is None:
+      count_shape = moments.count.shape
+  elif axis_index_groups is None:
+    static_total = uniform_count * axis_size(axis_name)
+  else:  # every group's total, as a [groups, 1, ...] table.
+    sizes = _membership(axis_index_groups).sum(axis=1)
+    static_total = uniform_count * jnp.asarray(sizes.astype(np.int64), stats.count_dtype()
+                                               ).reshape((-1,) + (1,) * moments.delta.ndim)
+  index = group_index(axis_name, axis_index_groups)
+  zero = jnp.zeros(moments.delta.shape, moments.m2.dtype)
+  merged, _ = _round(moments, zero, axis_name, axis_index_groups, index, count_shape,
+                     static_total)
+  return merged  # delta = sum(n * 0) / count = 0 exactly: still moments about zero.
+
+
 # =========================================================================== covariance (whitening)
 #
 # Whitening combines per-group covariance moments the way `combine_moments` combines variances:

@@ -1,4 +1,9 @@
-"""`bnjax.BatchNorm`: a drop-in for `flax.linen.BatchNorm` whose math is `bnjax.batch_norm`."""
+"""Drop-ins for Flax's linen norm layers whose math is bnjax's pure core.
+
+`BatchNorm` (`bnjax.batch_norm`), `WhiteningBatchNorm` (`bnjax.whitening_batch_norm`), and
+`LayerNorm`, `RMSNorm`, `GroupNorm`, `InstanceNorm` (`bnjax.norms`): the fields, call and variables
+of their `flax.linen` namesakes.
+"""
 
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import _checks
+from bnjax import norms
 from bnjax import whitening
 from bnjax.functional import batch_norm
 from bnjax.types import BatchNormParams
@@ -315,3 +321,354 @@ class WhiteningBatchNorm(nn.Module):
     if train and not initializing:
       ra_mean.value, ra_cov.value, ra_w.value = new_state
     return y
+
+
+# ======================================================================= the normalization family
+# Layer, RMS, group and instance norm: statistics over other sets of values than batch norm's,
+# computed by the same core (`bnjax.norms`). They keep no running statistics: only ``params``.
+
+
+def _declare_params(module: nn.Module, feature_shape: tuple[int, ...], *, use_scale: bool,
+                    use_bias: bool, scale_init: Any, bias_init: Any, param_dtype: Any
+                    ) -> BatchNormParams:
+  """Declares ``params/scale`` then ``params/bias`` (Flax's order and names) of `feature_shape`."""
+  scale = (module.param("scale", scale_init, feature_shape, param_dtype) if use_scale else None)
+  bias = (module.param("bias", bias_init, feature_shape, param_dtype) if use_bias else None)
+  return BatchNormParams(scale, bias)
+
+
+def _output_dtype(x: jax.Array, params: BatchNormParams, dtype: Any) -> Any:
+  """Flax's rule: ``dtype``, or the promoted type of the input and the parameters."""
+  with jax.numpy_dtype_promotion("standard"):  # Flax's inference rule, whatever the config.
+    return flax_dtypes.canonicalize_dtype(x, *(p for p in params if p is not None), dtype=dtype)
+
+
+def _feature_shape(x: jax.Array, axes: Any, name: str, where: str) -> tuple[int, ...]:
+  feature_axes = _checks.canonical_named_axes(jnp.ndim(x), axes, name, where)
+  return tuple(jnp.shape(x)[a] for a in feature_axes)
+
+
+class LayerNorm(nn.Module):
+  r"""Layer normalization for `flax.linen`, with the fields, call and variables of `nn.LayerNorm`.
+
+  .. math::
+
+     y = \gamma \, \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+  with :math:`\mu, \sigma^2` over ``reduction_axes`` of each example (`bnjax.layer_norm`).
+  It declares ``params/scale`` and ``params/bias`` of the shape of ``x`` along ``feature_axes``, as
+  Flax does, and calls `bnjax.layer_norm`. Compared with Flax, the variance is exact for data far
+  from zero (Flax's default ``E[x^2] - E[x]^2`` cancels whole offsets), masks keep NaN out of the
+  valid outputs and gradients, and ``axis_name`` combines the statistics by counts. As in Flax,
+  integer input is promoted to float32 and the output dtype is inferred from the input and the
+  parameters. ``use_fast_variance`` and ``force_float32_reductions`` are accepted so existing code
+  runs unchanged: bnjax's statistics are always exact and at least float32. No collective runs
+  while initialising, so a model with ``axis_name`` initialises outside ``shard_map``.
+
+  Attributes:
+    epsilon: added to the variance.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale`` and ``bias``.
+    use_bias: whether to learn β.
+    use_scale: whether to learn γ.
+    bias_init: initializer for β.
+    scale_init: initializer for γ.
+    reduction_axes: the axes the statistics are taken over.
+    feature_axes: the axes ``scale`` and ``bias`` vary along.
+    axis_name: named axis (or axes) along which ``reduction_axes`` are split across devices.
+    axis_index_groups: partition of that axis into groups combined separately.
+    use_fast_variance: accepted for compatibility; bnjax's variance is always exact.
+    force_float32_reductions: accepted for compatibility; statistics are always at least float32.
+    custom_vjp: use bnjax's closed-form backward pass (False: JAX's autodiff, forward mode too).
+    stats_route: how moments are computed: ``"auto"``, ``"adaptive"`` or ``"one_pass"``.
+
+  Examples:
+    >>> x = jnp.array([[1.0, 2.0, 3.0], [1e4, 1e4 + 1.0, 1e4 + 2.0]])
+    >>> layer = bnjax.linen.LayerNorm()
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'bias': (3,), 'scale': (3,)}}
+    >>> layer.apply(variables, x).round(4)
+    Array([[-1.2247,  0.    ,  1.2247],
+           [-1.2247,  0.    ,  1.2247]], dtype=float32)
+  """
+
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  reduction_axes: Any = -1
+  feature_axes: Any = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  custom_vjp: bool = True
+  stats_route: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalises each example of `x` over `reduction_axes`.
+
+    Args:
+      x: the input.
+      mask: bool array broadcastable to ``x``; statistics use only True positions.
+
+    Returns:
+      The normalised input, of the shape of ``x``.
+    """
+    x = _promote_integers(x)
+    params = _declare_params(
+        self, _feature_shape(x, self.feature_axes, "feature_axes", "bnjax.linen.LayerNorm"),
+        use_scale=self.use_scale, use_bias=self.use_bias, scale_init=self.scale_init,
+        bias_init=self.bias_init, param_dtype=self.param_dtype)
+    initializing = self.is_initializing()
+    return norms.layer_norm(
+        params, x, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+        epsilon=self.epsilon, mask=mask, axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        dtype=_output_dtype(x, params, self.dtype), custom_vjp=self.custom_vjp,
+        stats_route=self.stats_route)
+
+
+class RMSNorm(nn.Module):
+  r"""RMS normalization for `flax.linen`, with the fields, call and variables of `nn.RMSNorm`.
+
+  .. math::
+
+     y = \gamma \, \frac{x}{\sqrt{\overline{x^2} + \epsilon}}
+
+  with the mean square over ``reduction_axes`` (`bnjax.rms_norm`). It declares ``params/scale``
+  only, as Flax does. The mean square is computed in at least float32 with masks that keep NaN
+  out, and combined across devices by counts. ``use_fast_variance`` and
+  ``force_float32_reductions`` are accepted for compatibility (no-ops). No collective runs while
+  initialising.
+
+  Attributes:
+    epsilon: added to the mean square, inside the square root.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale``.
+    use_scale: whether to learn γ.
+    scale_init: initializer for γ.
+    reduction_axes: the axes the mean square is taken over.
+    feature_axes: the axes ``scale`` varies along.
+    axis_name: named axis (or axes) along which ``reduction_axes`` are split across devices.
+    axis_index_groups: partition of that axis into groups combined separately.
+    use_fast_variance: accepted for compatibility (no effect).
+    force_float32_reductions: accepted for compatibility; the mean square is at least float32.
+    custom_vjp: use bnjax's closed-form backward pass (False: JAX's autodiff, forward mode too).
+
+  Examples:
+    >>> x = jnp.array([[6.4, 44.8]])                  # root mean square 32
+    >>> layer = bnjax.linen.RMSNorm()
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, variables)
+    {'params': {'scale': (2,)}}
+    >>> layer.apply(variables, x)
+    Array([[0.2, 1.4]], dtype=float32)
+  """
+
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_scale: bool = True
+  scale_init: Any = initializers.ones
+  reduction_axes: Any = -1
+  feature_axes: Any = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  custom_vjp: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Divides each example of `x` by its root mean square over `reduction_axes`.
+
+    Args:
+      x: the input.
+      mask: bool array broadcastable to ``x``; the mean square uses only True positions.
+
+    Returns:
+      The normalised input, of the shape of ``x``.
+    """
+    x = _promote_integers(x)
+    params = _declare_params(
+        self, _feature_shape(x, self.feature_axes, "feature_axes", "bnjax.linen.RMSNorm"),
+        use_scale=self.use_scale, use_bias=False, scale_init=self.scale_init,
+        bias_init=initializers.zeros, param_dtype=self.param_dtype)
+    initializing = self.is_initializing()
+    return norms.rms_norm(
+        params, x, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
+        epsilon=self.epsilon, mask=mask, axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        dtype=_output_dtype(x, params, self.dtype), custom_vjp=self.custom_vjp)
+
+
+class GroupNorm(nn.Module):
+  r"""Group normalization for `flax.linen`, with the fields, call and variables of `nn.GroupNorm`.
+
+  .. math::
+
+     y = \gamma \, \frac{x - \mu_g}{\sqrt{\sigma_g^2 + \epsilon}} + \beta
+
+  with :math:`\mu_g, \sigma_g^2` per example and group of ``C/G`` channels, over the group's
+  channels and the other ``reduction_axes`` (`bnjax.group_norm`; channels last, as in Flax). It
+  declares ``params/scale`` and ``params/bias`` of shape ``(C,)``. Exactly one of ``num_groups``
+  and ``group_size`` is set (pass ``num_groups=None`` to give ``group_size``). Compared with Flax,
+  the variance is exact for data far from zero and masks keep NaN out. ``use_fast_variance`` and
+  ``force_float32_reductions`` are accepted for compatibility (no-ops). No collective runs while
+  initialising.
+
+  Attributes:
+    num_groups: the number of channel groups (32, as proposed by Wu & He).
+    group_size: the number of channels per group, with ``num_groups=None``.
+    epsilon: added to the variance.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale`` and ``bias``.
+    use_bias: whether to learn β.
+    use_scale: whether to learn γ.
+    bias_init: initializer for β.
+    scale_init: initializer for γ.
+    reduction_axes: the axes the statistics are taken over, including the last; None: every axis
+      but the first.
+    axis_name: named axis (or axes) along which ``reduction_axes`` are split across devices.
+    axis_index_groups: partition of that axis into groups combined separately.
+    use_fast_variance: accepted for compatibility; bnjax's variance is always exact.
+    force_float32_reductions: accepted for compatibility; statistics are always at least float32.
+    custom_vjp: use bnjax's closed-form backward pass (False: JAX's autodiff, forward mode too).
+    stats_route: how moments are computed: ``"auto"``, ``"adaptive"`` or ``"one_pass"``.
+
+  Examples:
+    >>> x = jnp.array([[10.0, 30.0, 100.0, 300.0]])
+    >>> layer = bnjax.linen.GroupNorm(num_groups=2)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> layer.apply(variables, x)
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  reduction_axes: Any = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  custom_vjp: bool = True
+  stats_route: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalises `x` per example and group of channels.
+
+    Args:
+      x: the input ``[..., C]``; every axis but the first is reduced unless ``reduction_axes``
+        says otherwise.
+      mask: bool array broadcastable to ``x``; statistics use only True positions.
+
+    Returns:
+      The normalised input, of the shape of ``x``.
+    """
+    x = _promote_integers(x)
+    params = _declare_params(
+        self, _feature_shape(x, -1, "x", "bnjax.linen.GroupNorm"), use_scale=self.use_scale,
+        use_bias=self.use_bias, scale_init=self.scale_init, bias_init=self.bias_init,
+        param_dtype=self.param_dtype)
+    initializing = self.is_initializing()
+    return norms.group_norm(
+        params, x, num_groups=self.num_groups, group_size=self.group_size,
+        reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        dtype=_output_dtype(x, params, self.dtype), custom_vjp=self.custom_vjp,
+        stats_route=self.stats_route)
+
+
+class InstanceNorm(nn.Module):
+  r"""Instance normalization for `flax.linen`, with the fields, call and variables of Flax's.
+
+  The fields, call and variables of `nn.InstanceNorm`:
+
+  .. math::
+
+     y = \gamma \, \frac{x - \mu_{n,c}}{\sqrt{\sigma_{n,c}^2 + \epsilon}} + \beta
+
+  with :math:`\mu_{n,c}, \sigma_{n,c}^2` per example and channel, over every axis but the first
+  and ``feature_axes`` (`bnjax.instance_norm`). It declares ``params/scale`` and ``params/bias``
+  of the shape of ``x`` along ``feature_axes``. ``use_fast_variance`` and
+  ``force_float32_reductions`` are accepted for compatibility (no-ops). No collective runs while
+  initialising.
+
+  Attributes:
+    epsilon: added to the variance.
+    dtype: the output dtype (default: inferred from input and params, as in Flax).
+    param_dtype: the dtype of ``scale`` and ``bias``.
+    use_bias: whether to learn β.
+    use_scale: whether to learn γ.
+    bias_init: initializer for β.
+    scale_init: initializer for γ.
+    feature_axes: the channel axes (not 0, the batch).
+    axis_name: named axis (or axes) along which the reduced axes are split across devices.
+    axis_index_groups: partition of that axis into groups combined separately.
+    use_fast_variance: accepted for compatibility; bnjax's variance is always exact.
+    force_float32_reductions: accepted for compatibility; statistics are always at least float32.
+    custom_vjp: use bnjax's closed-form backward pass (False: JAX's autodiff, forward mode too).
+    stats_route: how moments are computed: ``"auto"``, ``"adaptive"`` or ``"one_pass"``.
+
+  Examples:
+    >>> x = jnp.array([[[10.0, 100.0], [30.0, 300.0]]])
+    >>> layer = bnjax.linen.InstanceNorm()
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> layer.apply(variables, x)
+    Array([[[-1., -1.],
+            [ 1.,  1.]]], dtype=float32)
+  """
+
+  epsilon: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Any = initializers.zeros
+  scale_init: Any = initializers.ones
+  feature_axes: Any = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  custom_vjp: bool = True
+  stats_route: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    """Normalises `x` per example and channel.
+
+    Args:
+      x: the input ``[N, ..., C]``.
+      mask: bool array broadcastable to ``x``; statistics use only True positions.
+
+    Returns:
+      The normalised input, of the shape of ``x``.
+    """
+    x = _promote_integers(x)
+    params = _declare_params(
+        self, _feature_shape(x, self.feature_axes, "feature_axes", "bnjax.linen.InstanceNorm"),
+        use_scale=self.use_scale, use_bias=self.use_bias, scale_init=self.scale_init,
+        bias_init=self.bias_init, param_dtype=self.param_dtype)
+    initializing = self.is_initializing()
+    return norms.instance_norm(
+        params, x, feature_axes=self.feature_axes, epsilon=self.epsilon, mask=mask,
+        axis_name=None if initializing else self.axis_name,
+        axis_index_groups=None if initializing else self.axis_index_groups,
+        dtype=_output_dtype(x, params, self.dtype), custom_vjp=self.custom_vjp,
+        stats_route=self.stats_route)

@@ -665,3 +665,35 @@ __all__ += [
     "CovarianceMoments", "covariance_from_power_sums", "covariance_power_sums", "group_gram",
     "local_covariance", "merge_covariances", "shifted_rows",
 ]
+
+
+# ----------------------------------------------------------------------------- moments about zero
+
+
+def uncentred_moments(x: jax.Array, mask: jax.Array | None,
+                      reduce_axes: tuple[int, ...]) -> Moments:
+  """Moments about zero: ``pivot = delta = 0`` and ``m2 = sum(x**2)`` over the valid values.
+
+  What RMS normalisation divides by: ``var`` is then the mean square ``E[x**2]``, not the
+  variance. A sum of squares cancels nothing, so one pass is exact whatever the data's offset.
+  Being `Moments` with a zero pivot, they merge across parts and devices by the same
+  count-weighted rules (`merge_moments`, `power_sums` around a zero pivot), and stay moments about
+  zero. Masked-out values are replaced by 0 before they are squared, so NaN or Inf there reach
+  neither the result nor its gradient.
+
+  Args:
+    x: array in the statistics dtype (at least float32).
+    mask: None, or a bool array of `x`'s rank whose dimensions are 1 or `x`'s size.
+    reduce_axes: the axes to reduce over (may be empty).
+
+  Returns:
+    `Moments` with every field of `x`'s rank, size 1 along `reduce_axes`.
+  """
+  count = _valid_count_like(x, mask, reduce_axes)
+  valid = x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+  m2 = jnp.sum(valid * valid, axis=reduce_axes, keepdims=True)
+  zero = jnp.zeros_like(m2)
+  return Moments(count, zero, zero, m2)
+
+
+__all__ += ["uncentred_moments"]

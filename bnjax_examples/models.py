@@ -1,8 +1,9 @@
 """Models for the examples: a small CNN and a small ResNet, each taking a `norm` factory.
 
 The factory decides the normalisation, so the same network runs with `bnjax.BatchNorm`,
-`flax.linen.BatchNorm`, `bnjax.linen.WhiteningBatchNorm` or none at all (see `norm_factory`). The
-variables a model declares:
+`flax.linen.BatchNorm`, `bnjax.linen.WhiteningBatchNorm`, one of bnjax's per-example norms (layer,
+group, instance, RMS: see `PerExampleNorm`) or none at all (see `norm_factory`). The variables a
+model declares:
 
   >>> images_NHWC = jnp.zeros((2, 8, 8, 1))
   >>> init = lambda model: jax.eval_shape(
@@ -16,6 +17,7 @@ variables a model declares:
 
 from collections.abc import Callable, Sequence
 import functools
+import math
 from typing import Any
 
 from flax import linen as nn
@@ -27,7 +29,8 @@ import numpy as np
 import bnjax
 import bnjax.linen
 
-NORMS = ("bnjax", "flax", "whitening", "none")
+NORMS = ("bnjax", "flax", "whitening", "layer", "group", "instance", "rms", "none")
+PER_EXAMPLE_NORMS = ("layer", "group", "instance", "rms")
 
 # A module class or a partial of one; called with keyword arguments, it returns a module.
 ModuleDef = Callable[..., nn.Module]
@@ -39,11 +42,14 @@ def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
 
   Args:
     kind: ``'bnjax'`` (`bnjax.BatchNorm`), ``'flax'`` (`flax.linen.BatchNorm`, the reference the
-      drop-in replaces), ``'whitening'`` (`bnjax.linen.WhiteningBatchNorm`) or ``'none'``.
+      drop-in replaces), ``'whitening'`` (`bnjax.linen.WhiteningBatchNorm`), ``'layer'``,
+      ``'group'``, ``'instance'``, ``'rms'`` (`PerExampleNorm`: statistics of each example, no
+      running statistics) or ``'none'``.
     momentum: decay of the running averages.
     epsilon: added to the variance (to the covariance's diagonal for whitening).
     axis_name: the mesh axis to combine batch statistics over, so every device normalises with the
-      statistics of the global batch; None on a single device.
+      statistics of the global batch; None on a single device. The per-example norms ignore it:
+      their statistics never span examples, so data parallelism needs no collective.
     whitening: for ``'whitening'``, a mapping with its ``method``, ``group_size`` and
       ``iterations`` (``config.whitening``); None for the layer's defaults.
 
@@ -64,9 +70,71 @@ def norm_factory(kind: str, *, momentum: float = 0.9, epsilon: float = 1e-5,
     options = dict(whitening or {})
     return functools.partial(bnjax.linen.WhiteningBatchNorm, momentum=momentum, epsilon=epsilon,
                              axis_name=axis_name, **options)
+  if kind in PER_EXAMPLE_NORMS:
+    return functools.partial(PerExampleNorm, kind=kind, epsilon=epsilon)
   if kind == "none":
     return None
   raise ValueError(f"Unknown norm {kind!r}; expected one of {NORMS}.")
+
+
+class PerExampleNorm(nn.Module):
+  """Layer, group, instance or RMS norm of each example, for convolutional and dense layers alike.
+
+  For ``[N, H, W, C]`` activations (Wu & He, "Group Normalization", 2018, §3): ``'layer'``
+  standardises each example over ``(H, W, C)``, ``'group'`` over ``(H, W)`` and each group of
+  channels (``num_groups``, or the largest count that divides ``C`` and ``num_groups``: their gcd;
+  for ``[N, C]``, groups of at least two features),
+  ``'instance'`` over ``(H, W)`` per channel and ``'rms'`` divides by the root mean square over
+  ``(H, W, C)``. For ``[N, C]`` (after a dense layer) there is no spatial extent: ``'instance'``
+  then standardises over the features, as ``'layer'`` does. ``scale`` and ``bias`` (none for RMS)
+  have shape ``(C,)``; the statistics come from `bnjax.layer_norm`, `bnjax.group_norm`,
+  `bnjax.instance_norm` or `bnjax.rms_norm`, exact and per example, so there are no running
+  statistics and training and evaluation compute the same function.
+
+  Attributes:
+    kind: ``'layer'``, ``'group'``, ``'instance'`` or ``'rms'``.
+    epsilon: added to the variance (to the mean square for RMS).
+    num_groups: the most groups for ``'group'`` (32, as Wu & He propose).
+    scale_init: initializer for γ (ResNet blocks start their last norm at zero).
+    use_running_average: accepted, so the models call every norm alike; it has no effect.
+
+  Examples:
+    >>> layer = PerExampleNorm(kind='group', num_groups=2)
+    >>> x_NC = jnp.array([[10.0, 30.0, 100.0, 300.0]])
+    >>> layer.apply(layer.init(jax.random.key(0), x_NC), x_NC)
+    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+  """
+
+  kind: str = "layer"
+  epsilon: float = 1e-6
+  num_groups: int = 32
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+  use_running_average: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises each example of `x` (``[N, ..., C]``)."""
+    if self.kind not in PER_EXAMPLE_NORMS:
+      raise ValueError(f"PerExampleNorm: `kind` must be one of {PER_EXAMPLE_NORMS}; got "
+                       f"{self.kind!r}.")
+    channels = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (channels,), jnp.float32)
+    bias = (None if self.kind == "rms"
+            else self.param("bias", nn.initializers.zeros, (channels,), jnp.float32))
+    params = bnjax.BatchNormParams(scale, bias)
+    every_axis_but_the_batch = tuple(range(1, x.ndim))
+    if self.kind == "group":
+      # Groups of at least two features when there is no spatial extent (a dense layer).
+      divisible = channels if math.prod(x.shape[1:-1]) > 1 else channels // 2
+      return bnjax.group_norm(params, x, num_groups=math.gcd(self.num_groups, divisible),
+                              epsilon=self.epsilon)
+    if self.kind == "instance" and x.ndim > 2:
+      return bnjax.instance_norm(params, x, epsilon=self.epsilon)
+    if self.kind == "rms":
+      return bnjax.rms_norm(params, x, reduction_axes=every_axis_but_the_batch,
+                            epsilon=self.epsilon)
+    return bnjax.layer_norm(params, x, reduction_axes=every_axis_but_the_batch,
+                            epsilon=self.epsilon)
 
 
 def _bind_train(norm: ModuleDef | None, train: bool) -> ModuleDef | None:

@@ -35,7 +35,10 @@ from bnjax_examples import steps
 
 CHECKPOINT_DIR = "checkpoints"  # Under the work directory.
 NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
-               "whitening": "bnjax.linen.WhiteningBatchNorm", "none": "no normalisation"}
+               "whitening": "bnjax.linen.WhiteningBatchNorm",
+               "layer": "bnjax layer norm", "group": "bnjax group norm",
+               "instance": "bnjax instance norm", "rms": "bnjax RMS norm",
+               "none": "no normalisation"}
 NNX_NORM_LABELS = {"bnjax": "bnjax.nnx.BatchNorm", "flax": "flax.nnx.BatchNorm",
                    "none": "no normalisation (NNX)"}
 

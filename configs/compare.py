@@ -2,7 +2,9 @@ r"""python -m bnjax_examples.main --config=configs/compare.py --workdir=workdir/
 
 Comparison mode: trains the default model twice, with `bnjax.BatchNorm` and without normalisation,
 each in its own subdirectory of the work directory, and draws both on ``comparison.png``. Add
-``flax.linen.BatchNorm`` with ``--config.compare_norms="('bnjax', 'flax', 'none')"``.
+``flax.linen.BatchNorm`` with ``--config.compare_norms="('bnjax', 'flax', 'none')"``, or compare
+the normalization family with
+``--config.compare_norms="('bnjax', 'layer', 'group', 'instance', 'rms')"``.
 ``:smoke`` shrinks it for tests.
 """
 

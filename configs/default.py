@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = "CNN"  # One of: CNN, ResNet.
   config.cnn = ml_collections.ConfigDict({"features": (32, 64), "hidden": 256})
   config.resnet = ml_collections.ConfigDict({"stage_sizes": (2, 2, 2), "num_filters": 16})
-  config.norm = "bnjax"  # One of: bnjax, flax (flax.linen.BatchNorm), whitening, none.
+  # One of: bnjax, flax (flax.linen.BatchNorm), whitening, layer, group, instance, rms (bnjax's
+  # per-example norms, `bnjax_examples.models.PerExampleNorm`), none.
+  config.norm = "bnjax"
   # The Flax API of the model: "linen", or "nnx" (flax.nnx layers with bnjax.nnx.BatchNorm, or
   # flax.nnx.BatchNorm for norm="flax"; the CNN with norm bnjax, flax or none).
   config.api = "linen"

@@ -6,9 +6,9 @@ import bnjax
 def test_public_names_are_pinned():
   assert sorted(bnjax.__all__) == [
       "BatchNorm", "BatchNormParams", "BatchNormState", "BatchStats", "CumulativeState",
-      "WhiteningBatchNorm",
-      "WhiteningState", "WhiteningStats", "batch_norm", "from_torch_momentum", "init",
-      "init_whitening", "update_running_stats", "whitening_batch_norm",
+      "WhiteningBatchNorm", "WhiteningState", "WhiteningStats", "batch_norm", "from_torch_momentum",
+      "group_norm", "init", "init_params", "init_whitening", "instance_norm", "layer_norm",
+      "rms_norm", "update_running_stats", "whitening_batch_norm",
   ]
   for name in bnjax.__all__:
     assert getattr(bnjax, name) is not None
@@ -28,7 +28,7 @@ def test_core_modules_do_not_import_flax():
   import ast
   import importlib.util
   for module in ("bnjax.types", "bnjax.stats", "bnjax.distributed", "bnjax.functional",
-                 "bnjax._checks"):
+                 "bnjax._checks", "bnjax.norms"):
     with open(importlib.util.find_spec(module).origin) as f:
       tree = ast.parse(f.read())
     imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)

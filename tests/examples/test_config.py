@@ -97,7 +97,7 @@ def test_every_invalid_field_is_reported_at_once():
   config = load_config("default")
   config.learning_rate = 0.0
   config.momentum = 1.0
-  config.norm = "layer"
+  config.norm = "batch"
   with pytest.raises(config_check.ConfigError) as error:
     config_check.validate_config(config, num_devices=1)
   for field in ("learning_rate", "momentum", "norm"):

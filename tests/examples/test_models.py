@@ -88,10 +88,60 @@ def test_resnet_blocks_start_as_identity_on_their_residual_branch():
 
 
 def test_unknown_norm_is_rejected():
-  with pytest.raises(ValueError, match="Unknown norm 'layer'"):
-    models.norm_factory("layer")
+  with pytest.raises(ValueError, match="Unknown norm 'batch'"):
+    models.norm_factory("batch")
 
 
 def test_models_docstring_examples_run():
   result = doctest.testmod(models, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def _standardized(x, axes, eps=1e-6):
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=axes, keepdims=True)
+  return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+
+
+def test_per_example_norms_take_the_statistics_of_each_example_over_their_sets():
+  # (2, 3, 3, 4) activations far from zero; every kind against float64 NumPy over its own set.
+  x_NHWC = images(batch=2, size=3, channels=4, seed=2) * 3.0 + 500.0
+  expected = {
+      "layer": _standardized(x_NHWC, (1, 2, 3)),
+      "instance": _standardized(x_NHWC, (1, 2)),
+      # num_groups=32 on 4 channels: gcd(32, 4) = 4 groups of one channel, i.e. instance norm.
+      "group": _standardized(x_NHWC, (1, 2)),
+      "rms": x_NHWC / np.sqrt(np.mean(np.square(x_NHWC.astype(np.float64)), axis=(1, 2, 3),
+                                      keepdims=True) + 1e-6),
+  }
+  two_groups = _standardized(x_NHWC.reshape(2, 3, 3, 2, 2), (1, 2, 4)).reshape(x_NHWC.shape)
+  for kind, reference in [*expected.items(), ("group-2", two_groups)]:
+    layer = models.PerExampleNorm(kind=kind.split("-")[0],
+                                  **({"num_groups": 2} if kind == "group-2" else {}))
+    variables = layer.init(jax.random.key(0), x_NHWC)
+    assert set(variables["params"]) == ({"scale"} if kind == "rms" else {"scale", "bias"})
+    np.testing.assert_allclose(layer.apply(variables, x_NHWC), reference, rtol=1e-5, atol=1e-5,
+                               err_msg=kind)
+
+
+def test_instance_norm_of_a_dense_layer_normalises_its_features():
+  x_NC = images(batch=3, size=1, channels=5, seed=3).reshape(3, 5) + 50.0
+  layer = models.PerExampleNorm(kind="instance")
+  np.testing.assert_allclose(layer.apply(layer.init(jax.random.key(0), x_NC), x_NC),
+                             _standardized(x_NC, (1,)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", models.PER_EXAMPLE_NORMS)
+def test_cnn_with_a_per_example_norm_keeps_no_batch_stats(norm):
+  model = small_cnn(norm)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             images())
+  assert set(variables) == {"params"}
+  assert set(variables["params"]) >= {"PerExampleNorm_0", "PerExampleNorm_1", "PerExampleNorm_2"}
+  logits = jax.eval_shape(functools.partial(model.apply, train=True), variables, images())
+  assert logits.shape == (6, 10)
+
+
+def test_unknown_per_example_kind_is_refused():
+  with pytest.raises(ValueError, match="`kind` must be one of"):
+    models.PerExampleNorm(kind="batch").init(jax.random.key(0), jnp.ones((2, 4)))

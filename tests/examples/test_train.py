@@ -146,10 +146,12 @@ def test_comparison_mode_trains_each_norm_and_plots_them_together(tmp_path):
   config.progress_bar = False
   config.num_epochs = 1
   config.steps_per_epoch = 2
+  config.compare_norms = ("bnjax", "group", "none")
   states = train.compare_norms(config, str(tmp_path))
-  assert set(states) == {"bnjax", "none"}
+  assert set(states) == {"bnjax", "group", "none"}
   assert states["none"].batch_stats == {}
-  for norm in ("bnjax", "none"):
+  assert states["group"].batch_stats == {}  # group norm keeps no running statistics.
+  for norm in ("bnjax", "group", "none"):
     (record,) = reporting.read_metrics(str(tmp_path / norm / reporting.METRICS_FILE))
     assert record["norm"] == norm and record["step"] == 2
   assert (tmp_path / reporting.COMPARISON_PLOT_FILE).read_bytes().startswith(b"\x89PNG")
@@ -186,3 +188,7 @@ def test_norm_factory_of_the_config_reaches_the_model():
   model = steps.create_model(config, num_classes=10, axis_name=parallel.AXIS)
   assert model.norm.func is models.nn.BatchNorm
   assert model.norm.keywords["axis_name"] == parallel.AXIS
+  config.norm = "layer"  # per-example statistics: no collective, whatever the axis.
+  model = steps.create_model(config, num_classes=10, axis_name=parallel.AXIS)
+  assert model.norm.func is models.PerExampleNorm
+  assert model.norm.keywords == {"kind": "layer", "epsilon": config.batch_norm_epsilon}
