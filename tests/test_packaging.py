@@ -46,14 +46,20 @@ def _extra_requirements(extra):
   return wanted
 
 
-def _imports(source):
-  """Top-level modules imported by code, except inside `try: ... except ImportError`."""
+def _imports(source, deferred_optional=False):
+  """Top-level modules imported by code, except inside `try: ... except ImportError`.
+
+  With `deferred_optional`, imports inside function bodies are left out too: a benchmark module's
+  optional peers are imported only by the builders that need them, which the suite never calls.
+  """
   tree = ast.parse(source)
   optional = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Try) and any(
         isinstance(h.type, ast.Name) and h.type.id in {"ImportError", "ModuleNotFoundError"}
         for h in node.handlers):
+      optional.update(id(n) for statement in node.body for n in ast.walk(statement))
+    if deferred_optional and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
       optional.update(id(n) for statement in node.body for n in ast.walk(statement))
   modules = set()
   for node in ast.walk(tree):
@@ -95,7 +101,7 @@ def _suite_imports():
         continue
       seen.add(path)
       where, source = str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")
-    for module in _imports(source):
+    for module in _imports(source, deferred_optional=where.startswith("benchmarks/")):
       top = module.split(".")[0]
       if top in FIRST_PARTY:
         module_file = _module_file(module)
