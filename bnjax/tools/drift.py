@@ -20,7 +20,8 @@ differ by ``N / (N - 1)`` even for identical data: evaluation really divides by 
 
 `drift` is the pure function (for `bnjax.batch_norm`'s ``return_stats=True``); `linen_drift`
 collects it from every `bnjax.BatchNorm` of a linen model after one training-mode ``apply`` with
-``mutable=DRIFT_COLLECTIONS``, reusing what the layers sow. Neither imports flax at import time.
+``mutable=DRIFT_COLLECTIONS``, reusing what the layers sow; `drift_summary` flattens its report
+into scalars for a metrics log. None of them imports flax at import time.
 """
 
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from bnjax import stats
 from bnjax.tools.precise import population_moments
 
-__all__ = ["DRIFT_COLLECTIONS", "Drift", "drift", "linen_drift"]
+__all__ = ["DRIFT_COLLECTIONS", "Drift", "drift", "drift_summary", "linen_drift"]
 
 #: The ``mutable=`` list that makes a training-mode ``apply`` of a linen model return what
 #: `linen_drift` reads: the updated running statistics, each `bnjax.BatchNorm`'s batch moments
@@ -163,6 +164,32 @@ def linen_drift(variables: Mapping[str, Any], updates: Mapping[str, Any]) -> dic
       layer = layer._replace(skipped_channels=jnp.asarray(skipped, jnp.int32))
     report["/".join(path)] = layer
   return report
+
+
+def drift_summary(report: Mapping[str, Drift]) -> dict[str, jax.Array]:
+  """The per-layer summary of a `linen_drift` report as flat scalars, e.g. for a metrics file.
+
+  Args:
+    report: ``{layer path: Drift}``, from `linen_drift`.
+
+  Returns:
+    ``{'<layer>/max_abs_smd': scalar, '<layer>/mean_abs_log_var_ratio': scalar}`` for every layer,
+    and ``'<layer>/skipped_channels'`` where it was collected (``''`` for a model that is itself
+    a `bnjax.BatchNorm`: the keys then start with ``/``).
+
+  Examples:
+    >>> d = bnjax.tools.drift(jnp.array([2.0]), jnp.array([1.0]), jnp.zeros(1), jnp.ones(1), 0.0)
+    >>> bnjax.tools.drift_summary({'bn1': d})
+    {'bn1/max_abs_smd': Array(2., dtype=float32), 'bn1/mean_abs_log_var_ratio': Array(0.,
+    dtype=float32)}
+  """
+  summary = {}
+  for layer, values in report.items():
+    summary[f"{layer}/max_abs_smd"] = values.max_abs_smd
+    summary[f"{layer}/mean_abs_log_var_ratio"] = values.mean_abs_log_var_ratio
+    if values.skipped_channels is not None:
+      summary[f"{layer}/skipped_channels"] = values.skipped_channels
+  return summary
 
 
 def _leaves(tree: Mapping[str, Any], name: str, path: tuple[str, ...] = ()

@@ -1,5 +1,9 @@
 """Drift diagnostics against float64 NumPy: the pure function and every layer of a linen model."""
 
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +22,9 @@ AXIS = "batch"
 
 def _drift_reference(batch_mean, batch_var, running_mean, running_var, epsilon):
   """float64 standardised mean difference and log variance ratio, and the layer summary."""
-  f64 = lambda v: np.asarray(v, np.float64)
+  def f64(v):
+    return np.asarray(v, np.float64)
+
   smd = (f64(batch_mean) - f64(running_mean)) / np.sqrt(f64(running_var) + epsilon)
   log_ratio = np.log((f64(batch_var) + epsilon) / (f64(running_var) + epsilon))
   return smd, log_ratio, np.max(np.abs(smd)), np.mean(np.abs(log_ratio))
@@ -163,3 +169,27 @@ def test_linen_drift_says_how_to_collect_the_moments():
   _, updates = model.apply(variables, x, mutable=["batch_stats"])
   with pytest.raises(ValueError, match="batch_moments"):
     tools.linen_drift(variables, updates)
+
+
+def test_drift_summary_flattens_each_layers_summary():
+  model = _TwoLayers()
+  x = jnp.asarray(np.random.default_rng(7).normal(0.0, 1.0, (8, 2)), jnp.float32)
+  variables = _with_running_stats(model.init(jax.random.key(0), x), seed=8)
+  _, updates = model.apply(variables, x, mutable=tools.DRIFT_COLLECTIONS)
+  report = tools.linen_drift(variables, updates)
+  summary = tools.drift_summary(report)
+  assert sorted(summary) == sorted(f"{layer}/{field}" for layer in ("bn1", "bn2") for field in (
+      "max_abs_smd", "mean_abs_log_var_ratio", "skipped_channels"))
+  want = _two_layer_reference(variables, x)
+  for layer in ("bn1", "bn2"):
+    np.testing.assert_allclose(summary[f"{layer}/max_abs_smd"], want[layer][2], **F32)
+    np.testing.assert_allclose(summary[f"{layer}/mean_abs_log_var_ratio"], want[layer][3], **F32)
+
+
+def test_importing_the_drift_tools_imports_no_flax():
+  # `linen_drift` imports `bnjax.linen` when called; importing the module must not.
+  code = ("import sys, bnjax.tools.drift; "
+          "print(sorted(m for m in ('flax', 'jax') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+  assert result.stdout.split() == ["['jax']"]
