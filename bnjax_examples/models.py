@@ -163,16 +163,24 @@ class CNN(nn.Module):
     features: channels of each convolution stage; each stage halves the height and width.
     hidden: width of the hidden dense layer.
     norm: the normalisation factory (`norm_factory`), or None for no normalisation.
+    dropout_rate: dropout before the classifier in training (then ``apply`` needs a
+      ``'dropout'`` key); 0 for none.
   """
 
   num_classes: int = 10
   features: Sequence[int] = (32, 64)
   hidden: int = 256
   norm: ModuleDef | None = None
+  dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x_NHWC: jax.Array, train: bool) -> jax.Array:
-    """Returns float32 logits of shape [N, num_classes] for images of shape [N, H, W, C]."""
+  def __call__(self, x_NHWC: jax.Array, train: bool, deterministic: bool | None = None
+               ) -> jax.Array:
+    """Returns float32 logits of shape [N, num_classes] for images of shape [N, H, W, C].
+
+    ``deterministic`` switches dropout off (default: off unless ``train``); ``train=True,
+    deterministic=True`` is batch statistics without dropout, for `bnjax.tools.precise_batch_stats`.
+    """
     norm = _bind_train(self.norm, train)
     x = x_NHWC
     for width in self.features:
@@ -182,6 +190,9 @@ class CNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden, use_bias=norm is None)(x)
     x = nn.relu(x if norm is None else norm()(x))
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate,
+                     deterministic=not train if deterministic is None else deterministic)(x)
     return nn.Dense(self.num_classes)(x)
 
 

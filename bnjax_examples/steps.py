@@ -58,7 +58,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, norm: str 
                                    whitening=config_check.whitening_options(config))
   if config.model == "CNN":
     return models.CNN(num_classes=num_classes, features=tuple(config.cnn.features),
-                      hidden=config.cnn.hidden, norm=norm_layer)
+                      hidden=config.cnn.hidden, norm=norm_layer,
+                      dropout_rate=config.get("dropout_rate", 0.0))
   if config.model == "ResNet":
     return models.ResNet(num_classes=num_classes, stage_sizes=tuple(config.resnet.stage_sizes),
                          num_filters=config.resnet.num_filters, norm=norm_layer)
@@ -131,8 +132,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], axis_name: str | 
     if freeze_norms:
       logits_NK, updates = state.apply_fn(variables, batch["image"], train=False), {}
     else:
+      # A dropout key per step (and per device: each drops its own units); unused without dropout.
+      dropout_key = jax.random.fold_in(jax.random.key(0), state.step)
+      if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
       logits_NK, updates = state.apply_fn(variables, batch["image"], train=True,
-                                          mutable=["batch_stats"])
+                                          mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss_N = optax.softmax_cross_entropy_with_integer_labels(logits_NK, batch["label"])
     return jnp.mean(loss_N), (logits_NK, loss_N, updates)
 
