@@ -148,6 +148,13 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if is_number(dropout_rate) and dropout_rate > 0:
     require(config.model == "CNN" and api == "linen" and not init_from, "dropout_rate",
             "dropout is built into the linen CNN trained from scratch only; use 0.")
+  batch_renorm = config.get("batch_renorm", False)
+  require(isinstance(batch_renorm, bool), "batch_renorm", "must be True or False.")
+  if batch_renorm is True:
+    require(config.model == "CNN" and config.norm == "bnjax" and api == "linen" and not init_from
+            and not compare, "batch_renorm",
+            "Batch Renormalization is built into the linen CNN with norm='bnjax' trained from "
+            "scratch only; use False.")
   precise = config.get("precise_stats_batches", 0)
   require(is_int(precise) and precise >= 0, "precise_stats_batches",
           "must be an int >= 0 (0: keep the running averages).")

@@ -174,22 +174,25 @@ class CNN(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x_NHWC: jax.Array, train: bool, deterministic: bool | None = None
-               ) -> jax.Array:
+  def __call__(self, x_NHWC: jax.Array, train: bool, deterministic: bool | None = None,
+               renorm: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Returns float32 logits of shape [N, num_classes] for images of shape [N, H, W, C].
 
     ``deterministic`` switches dropout off (default: off unless ``train``); ``train=True,
     deterministic=True`` is batch statistics without dropout, for `bnjax.tools.precise_batch_stats`.
+    ``renorm``: Batch Renormalization's ``(r_max, d_max)`` for every `bnjax.BatchNorm` (traced
+    values allowed, e.g. `bnjax.tools.renorm_schedule` of the step), or None for batch norm.
     """
     norm = _bind_train(self.norm, train)
+    bounds = {} if renorm is None else {"renorm_r_max": renorm[0], "renorm_d_max": renorm[1]}
     x = x_NHWC
     for width in self.features:
       x = nn.Conv(width, (3, 3), use_bias=norm is None)(x)
-      x = nn.relu(x if norm is None else norm()(x))
+      x = nn.relu(x if norm is None else norm()(x, **bounds))
       x = average_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden, use_bias=norm is None)(x)
-    x = nn.relu(x if norm is None else norm()(x))
+    x = nn.relu(x if norm is None else norm()(x, **bounds))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate,
                      deterministic=not train if deterministic is None else deterministic)(x)

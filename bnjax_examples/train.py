@@ -55,7 +55,7 @@ def run_label(config: ml_collections.ConfigDict, norm: str | None = None) -> str
   return label + (", fine-tuned, batch norm frozen" if config.get("init_from") else "")
 
 
-def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
+def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False, renorm_steps: int = 0
                         ) -> Callable[[steps.TrainState, dict], tuple[steps.TrainState, dict]]:
   """`steps.train_step` over the mesh: state replicated and donated, batch split along the axis.
 
@@ -63,9 +63,11 @@ def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
     mesh: from `parallel.create_mesh`; the model must combine its statistics over
       `parallel.AXIS` (``steps.create_model(..., axis_name=parallel.AXIS)``).
     fast_compile: on CPU, compile without LLVM optimisation (see `parallel.data_parallel`).
+    renorm_steps: > 0: Batch Renormalization scheduled over a run of this many steps.
   """
-  return parallel.data_parallel(functools.partial(steps.train_step, axis_name=parallel.AXIS), mesh,
-                                donate_state=True, fast_compile=fast_compile)
+  return parallel.data_parallel(
+      functools.partial(steps.train_step, axis_name=parallel.AXIS, renorm_steps=renorm_steps),
+      mesh, donate_state=True, fast_compile=fast_compile)
 
 
 def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
@@ -76,7 +78,8 @@ def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
 
 
 def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset, mesh: Mesh,
-              learning_rate_fn: Callable[[Any], jax.Array]) -> tuple[Any, Callable, Callable]:
+              learning_rate_fn: Callable[[Any], jax.Array], num_steps: int = 0
+              ) -> tuple[Any, Callable, Callable]:
   """The initial state (replicated), the train step and the eval step of the config's path.
 
   ``config.api='linen'`` trains `steps`' linen model; with ``config.init_from`` it fine-tunes the
@@ -103,7 +106,9 @@ def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset
     state = parallel.replicate(functools.partial(
         steps.create_train_state, key, config, model, dataset.image_shape, learning_rate_fn),
         mesh)
-    train_fn = parallel_train_step(mesh, fast_compile=config.fast_compile)
+    train_fn = parallel_train_step(
+        mesh, fast_compile=config.fast_compile,
+        renorm_steps=num_steps if config.get("batch_renorm", False) else 0)
   return state, train_fn, parallel_eval_step(mesh, fast_compile=config.fast_compile)
 
 
@@ -168,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
 
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
-  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn)
+  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn, num_steps)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                             run_description(config, steps_per_epoch))
   totals = metrics.EpochTotals()

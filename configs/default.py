@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch_size channels (see the README's "Whitening" section).
   config.whitening = ml_collections.ConfigDict(
       {"method": "iterative", "group_size": 16, "iterations": 5})
+  # Batch Renormalization in every bnjax.BatchNorm of the CNN, with Ioffe's schedule scaled to the
+  # run's length (`bnjax_examples.steps.renorm_bounds`); False: batch norm.
+  config.batch_renorm = False
   # Dropout before the classifier of the CNN (0: none).
   config.dropout_rate = 0.0
   # > 0: after training, replace the running statistics by the exact population statistics of
