@@ -1,4 +1,4 @@
-"""configs/renorm_small_batch.py: Batch Renormalization's schedule scaled to the run, in the step."""
+"""configs/renorm_small_batch.py: Batch Renormalization, its schedule scaled to the run."""
 
 import functools
 import importlib
@@ -21,7 +21,8 @@ def test_renorm_config_opens_with_its_command_and_passes_validation_on_one_devic
   assert module.__doc__.startswith("python -m bnjax_examples.main "
                                    "--config=configs/renorm_small_batch.py --workdir=")
   config = renorm_small_batch.get_config()
-  assert config.batch_size == 4 and config.batch_renorm
+  assert config.batch_size == 4
+  assert config.batch_renorm
   config_check.validate_config(config, num_devices=1)
   smoke = renorm_small_batch.get_config("smoke")
   assert smoke.num_epochs * smoke.steps_per_epoch <= 12
@@ -46,7 +47,7 @@ def test_train_step_renormalizes_with_the_running_statistics_after_the_warm_up()
   model = steps.create_model(config, dataset.num_classes)
   state = jax.jit(functools.partial(
       steps.create_train_state, config=config, model=model, image_shape=dataset.image_shape,
-      learning_rate_fn=lambda step: jnp.asarray(0.1, jnp.float32)),
+      learning_rate_fn=lambda _: jnp.asarray(0.1, jnp.float32)),
       compiler_options=UNOPTIMISED)(jax.random.key(0))
   batch = next(input_pipeline.train_batches(dataset, global_batch_size=8, seed=0))
   # Running statistics (0 and 1 from init) far from the batch's: renormalization shows.
@@ -54,7 +55,10 @@ def test_train_step_renormalizes_with_the_running_statistics_after_the_warm_up()
   in_warm_up, _ = _one_step(state, batch, renorm_steps=1_000)  # step 0 of 1000: batch norm.
   relaxed, _ = _one_step(state.replace(step=jnp.asarray(999, state.step.dtype)), batch,
                          renorm_steps=1_000)
-  leaves = lambda s: jax.tree.leaves(jax.device_get(s.params))
+
+  def leaves(state):
+    return jax.tree.leaves(jax.device_get(state.params))
+
   for a, b in zip(leaves(plain), leaves(in_warm_up), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert any(not np.allclose(a, b, rtol=1e-3, atol=1e-5)
