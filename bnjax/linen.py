@@ -171,10 +171,12 @@ class BatchNorm(nn.Module):
         # Which channels took this batch's statistics (False: non-finite or no valid value).
         self.sow(DIAGNOSTICS, "batch_stats_updated", batch_stats.updated)
       if requested(self, BATCH_MOMENTS):
-        # The global batch moments, and whether this layer stores the unbiased variance.
+        # The global batch moments, whether this layer stores the unbiased variance, and its ε
+        # (`bnjax.tools.linen_drift` compares the moments with the running statistics).
         self.sow(BATCH_MOMENTS, "moments", {
             "mean": batch_stats.mean, "var": batch_stats.var, "count": batch_stats.count,
-            "unbiased": jnp.asarray(self.unbiased_running_var)})
+            "unbiased": jnp.asarray(self.unbiased_running_var),
+            "epsilon": jnp.asarray(self.epsilon, jnp.float32)})
       return y
     return outputs[0]
 

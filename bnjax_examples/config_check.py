@@ -142,6 +142,26 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
   if init_from:
     require(not compare, "compare_norms",
             "fine-tuning (config.init_from) starts from one run's checkpoint; use ().")
+  dropout_rate = config.get("dropout_rate", 0.0)
+  require(is_number(dropout_rate) and 0 <= dropout_rate < 1, "dropout_rate",
+          "must be in [0, 1), e.g. --config.dropout_rate=0.3 (0: no dropout).")
+  if is_number(dropout_rate) and dropout_rate > 0:
+    require(config.model == "CNN" and api == "linen" and not init_from, "dropout_rate",
+            "dropout is built into the linen CNN trained from scratch only; use 0.")
+  batch_renorm = config.get("batch_renorm", False)
+  require(isinstance(batch_renorm, bool), "batch_renorm", "must be True or False.")
+  if batch_renorm is True:
+    require(config.model == "CNN" and config.norm == "bnjax" and api == "linen" and not init_from
+            and not compare, "batch_renorm",
+            "Batch Renormalization is built into the linen CNN with norm='bnjax' trained from "
+            "scratch only; use False.")
+  precise = config.get("precise_stats_batches", 0)
+  require(is_int(precise) and precise >= 0, "precise_stats_batches",
+          "must be an int >= 0 (0: keep the running averages).")
+  if is_int(precise) and precise > 0:
+    require(config.norm == "bnjax" and api == "linen" and not compare, "precise_stats_batches",
+            "precise statistics are recomputed for the linen model with norm='bnjax' only "
+            "(no comparison); use 0.")
   for field in ("augment", "progress_bar", "fast_compile"):
     require(isinstance(config.get(field), bool), field, "must be True or False.")
   if problems:

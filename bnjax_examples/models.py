@@ -163,25 +163,39 @@ class CNN(nn.Module):
     features: channels of each convolution stage; each stage halves the height and width.
     hidden: width of the hidden dense layer.
     norm: the normalisation factory (`norm_factory`), or None for no normalisation.
+    dropout_rate: dropout before the classifier in training (then ``apply`` needs a
+      ``'dropout'`` key); 0 for none.
   """
 
   num_classes: int = 10
   features: Sequence[int] = (32, 64)
   hidden: int = 256
   norm: ModuleDef | None = None
+  dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x_NHWC: jax.Array, train: bool) -> jax.Array:
-    """Returns float32 logits of shape [N, num_classes] for images of shape [N, H, W, C]."""
+  def __call__(self, x_NHWC: jax.Array, train: bool, deterministic: bool | None = None,
+               renorm: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Returns float32 logits of shape [N, num_classes] for images of shape [N, H, W, C].
+
+    ``deterministic`` switches dropout off (default: off unless ``train``); ``train=True,
+    deterministic=True`` is batch statistics without dropout, for `bnjax.tools.precise_batch_stats`.
+    ``renorm``: Batch Renormalization's ``(r_max, d_max)`` for every `bnjax.BatchNorm` (traced
+    values allowed, e.g. `bnjax.tools.renorm_schedule` of the step), or None for batch norm.
+    """
     norm = _bind_train(self.norm, train)
+    bounds = {} if renorm is None else {"renorm_r_max": renorm[0], "renorm_d_max": renorm[1]}
     x = x_NHWC
     for width in self.features:
       x = nn.Conv(width, (3, 3), use_bias=norm is None)(x)
-      x = nn.relu(x if norm is None else norm()(x))
+      x = nn.relu(x if norm is None else norm()(x, **bounds))
       x = average_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(self.hidden, use_bias=norm is None)(x)
-    x = nn.relu(x if norm is None else norm()(x))
+    x = nn.relu(x if norm is None else norm()(x, **bounds))
+    if self.dropout_rate > 0:
+      x = nn.Dropout(self.dropout_rate,
+                     deterministic=not train if deterministic is None else deterministic)(x)
     return nn.Dense(self.num_classes)(x)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bnjax import tools
 from bnjax_examples import config_check
 from bnjax_examples import metrics
 from bnjax_examples import models
@@ -58,7 +59,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, norm: str 
                                    whitening=config_check.whitening_options(config))
   if config.model == "CNN":
     return models.CNN(num_classes=num_classes, features=tuple(config.cnn.features),
-                      hidden=config.cnn.hidden, norm=norm_layer)
+                      hidden=config.cnn.hidden, norm=norm_layer,
+                      dropout_rate=config.get("dropout_rate", 0.0))
   if config.model == "ResNet":
     return models.ResNet(num_classes=num_classes, stage_sizes=tuple(config.resnet.stage_sizes),
                          num_filters=config.resnet.num_filters, norm=norm_layer)
@@ -106,8 +108,21 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model:
                            batch_stats=variables.get("batch_stats", {}))
 
 
+def renorm_bounds(step: Any, num_steps: int) -> tuple[jax.Array, jax.Array]:
+  """Batch Renormalization's ``(r_max, d_max)`` at `step` of a run of `num_steps` steps.
+
+  Ioffe's schedule (`bnjax.tools.renorm_schedule`: batch norm for 5k steps, ``d_max`` reaching 5 at
+  25k and ``r_max`` reaching 3 at 40k) with its step counts scaled so that 40k falls at mid-run.
+  """
+  scale = num_steps / 80_000
+  return tools.renorm_schedule(
+      step, warmup_steps=round(5_000 * scale), r_max_steps=max(round(40_000 * scale), 1),
+      d_max_steps=max(round(25_000 * scale), 1))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], axis_name: str | None = None, *,
-               freeze_norms: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               freeze_norms: bool = False, renorm_steps: int = 0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a batch, or on this device's share of it under a mapped `axis_name`.
 
   The norm layers combine their batch statistics over the model's axis themselves and return
@@ -120,6 +135,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], axis_name: str | 
     freeze_norms: call the model in evaluation mode (``train=False``): the norm layers normalise
       with their running statistics and leave ``batch_stats`` unchanged (fine-tuning with frozen
       batch norm, `bnjax_examples.fine_tune`).
+    renorm_steps: > 0: train with Batch Renormalization, bounds from `renorm_bounds` for a run of
+      this many steps (the CNN with norm 'bnjax'); 0: batch norm.
 
   Returns:
     ``(new_state, metrics)``, the `metrics.batch_sums` of the (global) batch: ``loss_sum``,
@@ -131,8 +148,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], axis_name: str | 
     if freeze_norms:
       logits_NK, updates = state.apply_fn(variables, batch["image"], train=False), {}
     else:
+      # A dropout key per step (and per device: each drops its own units); unused without dropout.
+      dropout_key = jax.random.fold_in(jax.random.key(0), state.step)
+      if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+      renorm = {} if renorm_steps <= 0 else {"renorm": renorm_bounds(state.step, renorm_steps)}
       logits_NK, updates = state.apply_fn(variables, batch["image"], train=True,
-                                          mutable=["batch_stats"])
+                                          mutable=["batch_stats"], rngs={"dropout": dropout_key},
+                                          **renorm)
     loss_N = optax.softmax_cross_entropy_with_integer_labels(logits_NK, batch["label"])
     return jnp.mean(loss_N), (logits_NK, loss_N, updates)
 

@@ -14,6 +14,8 @@ finished run with frozen batch norm (`fine_tune`); the rest is shared.
 
 from collections.abc import Callable
 import functools
+import itertools
+import json
 import os
 from typing import Any
 
@@ -22,6 +24,7 @@ import jax
 from jax.sharding import Mesh
 import ml_collections
 
+from bnjax import tools
 from bnjax_examples import checkpointing
 from bnjax_examples import config_check
 from bnjax_examples import fine_tune
@@ -34,6 +37,7 @@ from bnjax_examples import reporting
 from bnjax_examples import steps
 
 CHECKPOINT_DIR = "checkpoints"  # Under the work directory.
+PRECISE_STATS_FILE = "precise_stats.json"  # Under the work directory, with precise statistics.
 NORM_LABELS = {"bnjax": "bnjax.BatchNorm", "flax": "flax.linen.BatchNorm",
                "whitening": "bnjax.linen.WhiteningBatchNorm",
                "layer": "bnjax layer norm", "group": "bnjax group norm",
@@ -51,7 +55,7 @@ def run_label(config: ml_collections.ConfigDict, norm: str | None = None) -> str
   return label + (", fine-tuned, batch norm frozen" if config.get("init_from") else "")
 
 
-def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
+def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False, renorm_steps: int = 0
                         ) -> Callable[[steps.TrainState, dict], tuple[steps.TrainState, dict]]:
   """`steps.train_step` over the mesh: state replicated and donated, batch split along the axis.
 
@@ -59,9 +63,11 @@ def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False
     mesh: from `parallel.create_mesh`; the model must combine its statistics over
       `parallel.AXIS` (``steps.create_model(..., axis_name=parallel.AXIS)``).
     fast_compile: on CPU, compile without LLVM optimisation (see `parallel.data_parallel`).
+    renorm_steps: > 0: Batch Renormalization scheduled over a run of this many steps.
   """
-  return parallel.data_parallel(functools.partial(steps.train_step, axis_name=parallel.AXIS), mesh,
-                                donate_state=True, fast_compile=fast_compile)
+  return parallel.data_parallel(
+      functools.partial(steps.train_step, axis_name=parallel.AXIS, renorm_steps=renorm_steps),
+      mesh, donate_state=True, fast_compile=fast_compile)
 
 
 def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
@@ -72,7 +78,8 @@ def parallel_eval_step(mesh: Mesh, *, fast_compile: bool = False
 
 
 def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset, mesh: Mesh,
-              learning_rate_fn: Callable[[Any], jax.Array]) -> tuple[Any, Callable, Callable]:
+              learning_rate_fn: Callable[[Any], jax.Array], num_steps: int = 0
+              ) -> tuple[Any, Callable, Callable]:
   """The initial state (replicated), the train step and the eval step of the config's path.
 
   ``config.api='linen'`` trains `steps`' linen model; with ``config.init_from`` it fine-tunes the
@@ -99,7 +106,9 @@ def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset
     state = parallel.replicate(functools.partial(
         steps.create_train_state, key, config, model, dataset.image_shape, learning_rate_fn),
         mesh)
-    train_fn = parallel_train_step(mesh, fast_compile=config.fast_compile)
+    train_fn = parallel_train_step(
+        mesh, fast_compile=config.fast_compile,
+        renorm_steps=num_steps if config.get("batch_renorm", False) else 0)
   return state, train_fn, parallel_eval_step(mesh, fast_compile=config.fast_compile)
 
 
@@ -164,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                len(dataset.test_labels), steps_per_epoch, parallel.describe_devices(mesh))
 
   learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch)
-  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn)
+  state, train_fn, eval_fn = build_run(config, dataset, mesh, learning_rate_fn, num_steps)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                             run_description(config, steps_per_epoch))
   totals = metrics.EpochTotals()
@@ -195,12 +204,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
                                  "norm": config.norm},
       checkpointer=checkpointer, totals=totals, metrics_path=metrics_path,
       progress_bar=config.progress_bar)
+  if config.get("precise_stats_batches", 0) > 0 and int(jax.device_get(state.step)) >= num_steps:
+    state = recompute_precise_stats(config, dataset, mesh, state, eval_fn, workdir,
+                                    steps_per_epoch)
   if jax.process_index() == 0:
     records = reporting.read_metrics(metrics_path)
     if records:
       reporting.plot_learning_curves(
           {run_label(config): records}, os.path.join(workdir, reporting.PLOT_FILE),
           title=f"{config.model} on {config.dataset}")
+  return state
+
+
+def recompute_precise_stats(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset,
+                            mesh: Mesh, state: steps.TrainState, eval_fn: Callable, workdir: str,
+                            steps_per_epoch: int) -> steps.TrainState:
+  """The trained state with every norm layer's population statistics, and the accuracy change.
+
+  Runs ``config.precise_stats_batches`` training batches (a fresh order: seed + 1) through the
+  model in training mode with dropout off (`bnjax.tools.precise_batch_stats`), on this process's
+  host copy of the variables, then evaluates again. Writes the test loss and accuracy before and
+  after to ``workdir/precise_stats.json`` and logs them; the checkpoints keep the running averages.
+  """
+  before = evaluate(eval_fn, state, dataset, mesh, config.eval_batch_size)
+  local_model = steps.create_model(config, dataset.num_classes)  # statistics of whole batches.
+  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  batches = input_pipeline.train_batches(dataset, global_batch_size=config.batch_size,
+                                         seed=config.seed + 1, batches_per_epoch=steps_per_epoch)
+  images = (batch["image"] for batch in
+            itertools.islice(batches, config.precise_stats_batches))
+  precise = tools.precise_batch_stats(local_model.apply, variables, images, train=True,
+                                      deterministic=True)
+  state = parallel.replicate(lambda: state.replace(batch_stats=precise["batch_stats"]), mesh)
+  after = evaluate(eval_fn, state, dataset, mesh, config.eval_batch_size)
+  record = {"batches": config.precise_stats_batches, "before": before, "after": after}
+  logging.info("Precise batch statistics from %d batches: test accuracy %.4f -> %.4f.",
+               config.precise_stats_batches, before["test_accuracy"], after["test_accuracy"])
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, PRECISE_STATS_FILE), "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
   return state
 
 

@@ -37,6 +37,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch_size channels (see the README's "Whitening" section).
   config.whitening = ml_collections.ConfigDict(
       {"method": "iterative", "group_size": 16, "iterations": 5})
+  # Batch Renormalization in every bnjax.BatchNorm of the CNN, with Ioffe's schedule scaled to the
+  # run's length (`bnjax_examples.steps.renorm_bounds`); False: batch norm.
+  config.batch_renorm = False
+  # Dropout before the classifier of the CNN (0: none).
+  config.dropout_rate = 0.0
+  # > 0: after training, replace the running statistics by the exact population statistics of
+  # this many training batches (`bnjax.tools.precise_batch_stats`, dropout off) and report the
+  # test accuracy before and after (workdir/precise_stats.json); 0: keep the running averages.
+  config.precise_stats_batches = 0
   # Comparison mode: train once per entry and plot them together, e.g. ("bnjax", "none").
   config.compare_norms = ()
   # 0.9 rather than Flax's 0.99: with a few hundred steps, 0.99 leaves the running averages

@@ -6,9 +6,10 @@ norm for fine-tuning (`norm_params_mask`, `norm_params_labels`, `norm_layer_path
 (`precise_batch_stats` for linen; the building blocks `population_moments`, `merge_population`,
 `population_state`); the Batch Renormalization schedule (`renorm_schedule`); one update of the
 running statistics per optimizer step under gradient accumulation (`update_from_micro_batches`,
-`pool_batch_stats`).
+`pool_batch_stats`); drift of the batch statistics from the running ones (`drift`, and
+`linen_drift` for every layer of a linen model, `drift_summary` for a metrics log).
 
-The folding, precise-statistics, schedule and accumulation tools import no flax; the freezing
+The folding, precise-statistics, schedule, accumulation and drift tools import no flax; the freezing
 tools need flax and are imported on first use, so `import bnjax.tools` alone does not import flax.
 """
 
@@ -17,6 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from bnjax.tools.accumulate import pool_batch_stats as pool_batch_stats
 from bnjax.tools.accumulate import update_from_micro_batches as update_from_micro_batches
+from bnjax.tools.drift import DRIFT_COLLECTIONS as DRIFT_COLLECTIONS
+from bnjax.tools.drift import Drift as Drift
+from bnjax.tools.drift import drift as drift
+from bnjax.tools.drift import drift_summary as drift_summary
+from bnjax.tools.drift import linen_drift as linen_drift
 from bnjax.tools.fold import FoldPair as FoldPair
 from bnjax.tools.fold import fold_batch_norm as fold_batch_norm
 from bnjax.tools.fold import fold_batch_norms as fold_batch_norms
@@ -37,9 +43,14 @@ _FREEZE = ("norm_layer_paths", "norm_params_filter", "norm_params_labels", "norm
            "params_except_norms")
 
 __all__ = [
+  "DRIFT_COLLECTIONS",
+  "Drift",
   "FoldPair",
+  "drift",
+  "drift_summary",
   "fold_batch_norm",
   "fold_batch_norms",
+  "linen_drift",
   "merge_population",
   "norm_layer_paths",
   "norm_params_filter",

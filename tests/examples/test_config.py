@@ -19,7 +19,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 from bnjax_examples import config_check
 from bnjax_examples import train
 
-CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10", "whitening")
+CONFIG_NAMES = ("default", "no_norm", "compare", "mnist", "cifar10", "whitening",
+                "precise_stats")
 
 
 def load_config(name: str, arg: str | None = None):
