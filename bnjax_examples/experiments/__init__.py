@@ -15,6 +15,7 @@ EXPERIMENTS = {
     "bias_gradient": "bnjax_examples.experiments.bias_gradient",
     "stop_gradient": "bnjax_examples.experiments.stop_gradient",
     "relu_order": "bnjax_examples.experiments.relu_order",
+    "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
 }
 
