@@ -176,7 +176,11 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
                       for k in (*emas, CUMULATIVE))
     pieces.append(f"B={b}: test accuracy (%) {accs}; precise (all) minus each (points, mean ± "
                   f"SE): {diffs}; precise from ≥ {config.enough_samples} samples within "
-                  f"{enough[str(b)]:.2f} points of all")
+                  f"{enough[str(b)]:.2f} points of all; first-layer |log var / var*| vs "
+                  "precise (all): " + ", ".join(f"{k} {s[f'{k}/log_var_error']['mean']:.3f}"
+                                                 for k in (*emas, CUMULATIVE,
+                                                           *(f"precise {n}"
+                                                             for n in sample_sizes[:-1]))))
   measured = (f"{seeds} seeds, {config.num_steps} SGD steps. " + ". ".join(pieces)
               + f". Never worse than any running average: {never_worse}; better than some EMA "
               f"at every batch size: {better_somewhere}")
@@ -211,6 +215,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
            "is that it has not converged, which is one of the paper's points."),
           ("Statistic errors (first layer, vs precise from all examples) are in data.summary "
            "(mean_error in units of the precise std, log_var_error = |log var/var*|)."),
+          (f"Test accuracy is over {harness.digits().test_x.shape[0]} examples: one example is "
+           f"{100 / harness.digits().test_x.shape[0]:.2f} points."),
           "MLP only; the paper's CNN setting and its train/test-domain experiments are not run.",
       ],
       "data": {"batch_sizes": sizes, "momenta": list(config.momenta),
