@@ -67,6 +67,44 @@ def _stats_norm(recorded: list[bnjax.BatchStats]):
   return norm
 
 
+def population_statistics(model: harness.MLP, params: Any, states: Any, x: jax.Array,
+                          batch_size: int) -> list[bnjax.BatchNormState]:
+  """Each norm layer's precise statistics over `x`, as `bnjax.tools.precise_batch_stats` does.
+
+  The model runs in training mode on consecutive batches of ``min(batch_size, len(x))`` rows (the
+  last may be smaller); each layer's batch moments (`population_moments`) are merged exactly
+  (`bnjax.stats.merge_moments`, weighed by count) into its population mean and biased variance
+  (`population_state`). Traceable, so it runs under `jax.vmap` over seeds.
+
+  Args:
+    model: the network.
+    params: its parameters.
+    states: one `bnjax.BatchNormState` per norm layer (their values do not matter in training
+      mode).
+    x: the examples, ``[n, features]``.
+    batch_size: the batch size of the passes.
+
+  Returns:
+    One `bnjax.BatchNormState` per norm layer.
+  """
+  n = x.shape[0]
+  size = min(batch_size, n)
+  full = n // size
+
+  def batch_stats(batch):
+    recorded = []
+    model.apply(params, states, batch, True, _stats_norm(recorded))
+    return recorded
+
+  parts = jax.vmap(batch_stats)(x[:full * size].reshape(full, size, -1))
+  if n % size:  # The last, smaller batch: merged with its own count.
+    last = batch_stats(x[full * size:])
+    parts = [jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), p, q)
+             for p, q in zip(parts, last, strict=True)]
+  return [population_state(bnjax_stats.merge_moments(jax.vmap(population_moments)(layer)))
+          for layer in parts]
+
+
 def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
   """Trains at one batch size for every seed (vmapped) and evaluates every kind of statistics."""
   data = harness.digits()
@@ -79,29 +117,6 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np
     state = {_ema_name(m): bnjax.init(width)[1] for m in momenta}
     state[CUMULATIVE] = bnjax.init(width, cumulative=True)[1]
     return state
-
-  def precise(params, plain_states, rows) -> list[bnjax.BatchNormState]:
-    """Each layer's population statistics over ``train_x[rows]`` in training mode."""
-    n = rows.shape[0]
-    size = min(batch_size, n)
-    full = n // size
-
-    def batch_stats(x):
-      recorded = []
-      model.apply(params, plain_states, x, True, _stats_norm(recorded))
-      return recorded
-
-    x = data.train_x[rows]
-    parts = jax.vmap(batch_stats)(x[:full * size].reshape(full, size, -1))
-    if n % size:  # The last, smaller batch: merged with its own count.
-      last = batch_stats(x[full * size:])
-      parts = [jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), p, q)
-               for p, q in zip(parts, last, strict=True)]
-    out = []
-    for layer in parts:
-      moments = jax.vmap(population_moments)(layer)
-      out.append(population_state(bnjax_stats.merge_moments(moments)))
-    return out
 
   def evaluate(params, layer_states):
     logits, _, _ = model.apply(params, layer_states, data.test_x, False, _eval_norm)
@@ -117,7 +132,8 @@ def _measure(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np
     for name in (*(_ema_name(m) for m in momenta), CUMULATIVE):
       kinds[name] = [bnjax.BatchNormState(s[name].mean, s[name].var) for s in states]
     for n in sample_sizes:
-      kinds[f"precise {n}"] = precise(params, plain, order[:n])
+      kinds[f"precise {n}"] = population_statistics(model, params, plain,
+                                                    data.train_x[order[:n]], batch_size)
     reference = kinds[f"precise {num_train}"][0]
     out = {}
     for name, layer_states in kinds.items():
