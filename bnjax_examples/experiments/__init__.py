@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "relu_order": "bnjax_examples.experiments.relu_order",
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
+    "batch_renorm": "bnjax_examples.experiments.batch_renorm",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.

@@ -23,8 +23,6 @@ NOT_DONE = {
        "which bnjax does not have yet.",
     8: "Small batches break batch norm, not group norm; ghost batches regularise (Wu & He 2018): "
        "needs group norm and ghost batches.",
-    10: "Batch renormalisation's fix at small batches (Ioffe 2017): needs batch renormalisation "
-        "and group norm.",
     11: ("Whitening vs per-channel standardisation: bnjax's whitening has just landed; the "
          "experiment is not built yet."),
 }
