@@ -29,7 +29,7 @@ ARMS = ("batch norm", "batch renorm", "group norm")
 KINDS = ("ema", "precise", "test batch")
 
 
-def _norm(arm: str, config: ml_collections.ConfigDict, num_steps: int):
+def arm_norm(arm: str, config: ml_collections.ConfigDict, num_steps: int):
   """The arm's `harness.Norm`; the state is ``{'bn': BatchNormState, 'step': int32}``."""
   warmup = round(config.renorm_warmup * num_steps)
   r_steps = max(round(config.renorm_r_max_at * num_steps), warmup + 1)
@@ -62,7 +62,7 @@ def _measure(config: ml_collections.ConfigDict, arm: str, m: int) -> dict[str, n
   model = harness.MLP(hidden=tuple(config.hidden), activation="relu", placement="before")
   num_train = data.train_x.shape[0]
   num_steps = config.epochs * num_train // m
-  norm = _norm(arm, config, num_steps)
+  norm = arm_norm(arm, config, num_steps)
   rate = config.learning_rate * m / config.reference_batch
   test_rows = data.test_x.shape[0] // config.test_batch_multiple * config.test_batch_multiple
 
