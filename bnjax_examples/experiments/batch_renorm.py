@@ -196,6 +196,7 @@ def _plot(sizes, summary, plot_path: str) -> None:
   ax.set(xscale="log", xlabel="batch size m", ylabel="test accuracy (%)",
          title="Batch norm vs batch renorm vs group norm at small batches")
   ax.set_xticks(sizes, [str(m) for m in sizes])
+  ax.minorticks_off()  # Only the measured batch sizes are labelled.
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
   figure.savefig(plot_path, dpi=100)
