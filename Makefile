@@ -13,7 +13,8 @@ DOCS_STAMP := $(VENV)/.bnjax-docs-installed
 RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py \
     bnjax_examples/experiments tests/experiments configs/experiments
 
-EXPERIMENTS := training_speed bias_gradient stop_gradient relu_order unbiased_variance
+EXPERIMENTS := training_speed bias_gradient stop_gradient relu_order precise_statistics \
+    unbiased_variance batch_renorm
 EXPERIMENTS_DIR := bnjax_examples/experiments
 
 .PHONY: install test demo bench lint docs clean experiments

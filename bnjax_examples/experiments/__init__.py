@@ -15,7 +15,9 @@ EXPERIMENTS = {
     "bias_gradient": "bnjax_examples.experiments.bias_gradient",
     "stop_gradient": "bnjax_examples.experiments.stop_gradient",
     "relu_order": "bnjax_examples.experiments.relu_order",
+    "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
+    "batch_renorm": "bnjax_examples.experiments.batch_renorm",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.

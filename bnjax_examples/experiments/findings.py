@@ -21,11 +21,8 @@ NOT_DONE = {
     2: "Is it internal covariate shift? (Santurkar et al. 2018): not built yet.",
     6: "Dropout before batch norm shifts the variance (Li et al. 2019): needs precise statistics, "
        "which bnjax does not have yet.",
-    7: "The EMA is a stale approximation (Wu & Johnson 2021): needs precise statistics.",
     8: "Small batches break batch norm, not group norm; ghost batches regularise (Wu & He 2018): "
        "needs group norm and ghost batches.",
-    10: "Batch renormalisation's fix at small batches (Ioffe 2017): needs batch renormalisation "
-        "and group norm.",
     11: ("Whitening vs per-channel standardisation: bnjax's whitening has just landed; the "
          "experiment is not built yet."),
 }

@@ -84,6 +84,29 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
     assert math.isclose(data["theory"]["2"], math.sqrt(2), rel_tol=1e-12)
     for m in sizes:
       assert {"biased_ratio", "unbiased_ratio", "precise_accuracy"} <= set(data["summary"][str(m)])
+  elif name == "precise_statistics":
+    summary = data["summary"]
+    assert set(summary) == {str(b) for b in data["batch_sizes"]}
+    kinds = {"ema 0.9", "ema 0.99", "ema 0.999", "cumulative",
+             *(f"precise {n}" for n in data["sample_sizes"])}
+    for row in summary.values():
+      assert {f"{k}/accuracy" for k in kinds} <= set(row)
+      # The reference is precise statistics from every example: zero distance from itself.
+      everything = f"precise {max(data['sample_sizes'])}"
+      assert row[f"{everything}/mean_error"]["max"] < 1e-5
+      assert row[f"{everything}/log_var_error"]["max"] < 1e-5
+      # 64 of the 1,438 examples give different statistics than all of them.
+      assert row["precise 64/log_var_error"]["mean"] > 1e-4
+  elif name == "batch_renorm":
+    sizes = [str(m) for m in data["batch_sizes"]]
+    for arm in ("batch norm", "batch renorm"):
+      assert set(data["summary"][arm]) == set(sizes)
+      for m in sizes:
+        assert {"ema", "precise", "test batch"} == set(data["summary"][arm][m])
+    for m in sizes:  # Group norm has no batch statistics: one kind.
+      assert set(data["summary"]["group norm"][m]) == {"ema"}
+      assert 0 <= data["summary"]["group norm"][m]["ema"]["mean"] <= 100
+    assert set(data["renorm_minus_batch_norm"]) == set(sizes)
   else:
     pytest.fail(f"No check for experiment {name!r}.")
 
