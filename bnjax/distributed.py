@@ -201,6 +201,25 @@ def _round(moments: Moments, pivot: jax.Array, axis_name: Any, groups: Any,
   return merged._replace(pivot=typed_pivot), precise
 
 
+def _count_totals(moments: Moments, axis_name: Any, axis_index_groups: Any, uniform_count: Any,
+                  count_shape: tuple[int, ...] | None
+                  ) -> tuple[Any, tuple[int, ...] | None]:
+  """How a combine learns the global counts: ``(static_total, count_shape)``.
+
+  With `uniform_count` (the same number of values on every device) the total is known without a
+  collective: ``uniform_count`` times the axis size, or a ``[groups, 1, ...]`` table of each
+  group's total. Otherwise `static_total` is None and counts travel with the sums in
+  `count_shape` (by default the shape of ``moments.count``).
+  """
+  if uniform_count is None:
+    return None, moments.count.shape if count_shape is None else count_shape
+  if axis_index_groups is None:
+    return uniform_count * axis_size(axis_name), count_shape
+  sizes = _membership(axis_index_groups).sum(axis=1)
+  table = jnp.asarray(sizes.astype(np.int64), stats.count_dtype())
+  return uniform_count * table.reshape((-1,) + (1,) * moments.delta.ndim), count_shape
+
+
 def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = None, *,
                     shared_pivot: jax.Array | None = None, uniform_count: Any = None,
                     count_shape: tuple[int, ...] | None = None,
@@ -231,16 +250,8 @@ def combine_moments(moments: Moments, axis_name: Any, axis_index_groups: Any = N
   dtype = moments.m2.dtype
   pivot = (jnp.zeros(moments.delta.shape, dtype) if shared_pivot is None
            else lax.stop_gradient(shared_pivot).astype(dtype))
-  if uniform_count is None:
-    static_total = None
-    if count_shape is None:
-      count_shape = moments.count.shape
-  elif axis_index_groups is None:
-    static_total = uniform_count * axis_size(axis_name)
-  else:  # every group's total, as a [groups, 1, ...] table.
-    sizes = _membership(axis_index_groups).sum(axis=1)
-    static_total = uniform_count * jnp.asarray(sizes.astype(np.int64), stats.count_dtype()
-                                               ).reshape((-1,) + (1,) * moments.delta.ndim)
+  static_total, count_shape = _count_totals(moments, axis_name, axis_index_groups,
+                                            uniform_count, count_shape)
   index = group_index(axis_name, axis_index_groups)
 
   def run(pivot: jax.Array) -> tuple[Moments, jax.Array]:
@@ -290,16 +301,8 @@ def combine_uncentred_moments(moments: Moments, axis_name: Any, axis_index_group
   """
   if axis_name is None:
     return moments
-  if uniform_count is None:
-    static_total = None
-    if count_shape is None:
-      count_shape = moments.count.shape
-  elif axis_index_groups is None:
-    static_total = uniform_count * axis_size(axis_name)
-  else:  # every group's total, as a [groups, 1, ...] table.
-    sizes = _membership(axis_index_groups).sum(axis=1)
-    static_total = uniform_count * jnp.asarray(sizes.astype(np.int64), stats.count_dtype()
-                                               ).reshape((-1,) + (1,) * moments.delta.ndim)
+  static_total, count_shape = _count_totals(moments, axis_name, axis_index_groups,
+                                            uniform_count, count_shape)
   index = group_index(axis_name, axis_index_groups)
   zero = jnp.zeros(moments.delta.shape, moments.m2.dtype)
   merged, _ = _round(moments, zero, axis_name, axis_index_groups, index, count_shape,
