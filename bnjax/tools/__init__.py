@@ -7,8 +7,8 @@ norm for fine-tuning (`norm_params_mask`, `norm_params_labels`, `norm_layer_path
 `population_moments`, `merge_population`, `population_state`); the Batch Renormalization schedule
 (`renorm_schedule`); one update of the running statistics per optimizer step under gradient
 accumulation (`update_from_micro_batches`, `pool_batch_stats`); drift of the batch statistics from
-the running ones (`drift`, and `linen_drift` for every layer of a linen model, `drift_summary` for a
-metrics log).
+the running ones (`drift`; `linen_drift` and `nnx_drift` for every layer of a linen or NNX model;
+`drift_summary` for a metrics log).
 
 The folding, precise-statistics, schedule, accumulation and drift tools import no flax; the freezing
 tools need flax and are imported on first use, so `import bnjax.tools` alone does not import flax.
@@ -24,6 +24,7 @@ from bnjax.tools.drift import Drift as Drift
 from bnjax.tools.drift import drift as drift
 from bnjax.tools.drift import drift_summary as drift_summary
 from bnjax.tools.drift import linen_drift as linen_drift
+from bnjax.tools.drift import nnx_drift as nnx_drift
 from bnjax.tools.fold import FoldPair as FoldPair
 from bnjax.tools.fold import fold_batch_norm as fold_batch_norm
 from bnjax.tools.fold import fold_batch_norms as fold_batch_norms
@@ -54,6 +55,7 @@ __all__ = [
   "fold_batch_norms",
   "linen_drift",
   "merge_population",
+  "nnx_drift",
   "nnx_precise_batch_stats",
   "norm_layer_paths",
   "norm_params_filter",

@@ -19,7 +19,6 @@ Building blocks for `bnjax.batch_norm` users (`population_moments`, `merge_popul
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sized
-import functools
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import stats
+from bnjax.tools import _nnx_moments
 from bnjax.types import BatchNormState
 from bnjax.types import BatchStats
 
@@ -271,12 +271,12 @@ def nnx_precise_batch_stats(model: Any, batches: Iterable[Any], *,
   from flax import nnx  # flax is imported only by this function.
 
   where = "nnx_precise_batch_stats"
-  layers = _nnx_norm_layers(model, where)
+  layers = _nnx_moments.norm_layers(model, where)
   graphdef, rng_state, other_state = nnx.split(model, nnx.RngState, ...)
-  static_kwargs, traced_kwargs = _split_kwargs(call_kwargs)
+  static_kwargs, traced_kwargs = _nnx_moments.split_call_kwargs(call_kwargs)
   population = _Population(where, "bnjax.nnx.BatchNorm", progress, batches)
   for batch in batches:
-    sown, rng_state = _nnx_measure(graphdef, static_kwargs, rng_state, other_state, batch,
+    sown, rng_state = _nnx_moments.measure(graphdef, static_kwargs, rng_state, other_state, batch,
                                    traced_kwargs)
     population.add(sown)
 
@@ -370,54 +370,6 @@ def _progress_reporter(progress: Any, total: int | None, where: str
 
 def _silent(_: int | None) -> None:
   pass
-
-
-def _nnx_norm_layers(model: Any, where: str) -> dict[tuple[Any, ...], Any]:
-  """``{path: layer}`` for every `bnjax.nnx.BatchNorm` in an NNX model."""
-  from flax import nnx
-
-  from bnjax import nnx as bnjax_nnx
-
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"bnjax.tools.{where}: `model` must be an nnx.Module; got "
-                    f"{type(model).__name__}.")
-  return {path: module for path, module in nnx.iter_modules(model)
-          if isinstance(module, bnjax_nnx.BatchNorm)}
-
-
-def _split_kwargs(call_kwargs: Mapping[str, Any]
-                  ) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
-  """Hashable keyword arguments (static, sorted items) and the rest (traced)."""
-  static, traced = [], {}
-  for name, value in sorted(call_kwargs.items()):
-    try:
-      hash(value)
-    except TypeError:
-      traced[name] = value
-    else:
-      static.append((name, value))
-  return tuple(static), traced
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _nnx_measure(graphdef: Any, static_kwargs: tuple[tuple[str, Any], ...], rng_state: Any,
-                 other_state: Any, batch: Any, traced_kwargs: Mapping[str, Any]
-                 ) -> tuple[dict[Any, Any], Any]:
-  """One training-mode call of a copy of the model: its sown moments and advanced random state."""
-  from flax import nnx
-
-  from bnjax import nnx as bnjax_nnx
-
-  model = nnx.merge(graphdef, rng_state, other_state)
-  for _, module in nnx.iter_modules(model):
-    if hasattr(module, "use_running_average"):
-      setattr(module, "use_running_average", False)  # noqa: B010  (any norm layer's switch)
-
-  def call(module: Any, batch: Any) -> Any:
-    return module(batch, **dict(static_kwargs), **traced_kwargs)
-
-  _, sown = nnx.capture(call, bnjax_nnx.BatchMoments)(model, batch)
-  return nnx.to_pure_dict(sown), nnx.state(model, nnx.RngState)
 
 
 def _sown_layers(tree: Mapping[str, Any], path: tuple[Any, ...] = ()
