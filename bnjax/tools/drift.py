@@ -26,6 +26,7 @@ report into scalars for a metrics log. None of them imports flax at import time.
 """
 
 from collections.abc import Mapping, Sequence
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -182,7 +183,7 @@ def nnx_drift(model: Any, x: Any, **call_kwargs: Any) -> dict[str, Drift]:
 
   Returns:
     ``{layer path: Drift}``, paths joined by ``/`` (e.g. ``'blocks/0/bn'``; ``''`` for a model
-    that is itself a `bnjax.nnx.BatchNorm`).
+    that is itself a `bnjax.nnx.BatchNorm`), in sorted order.
 
   Raises:
     ValueError: if no `bnjax.nnx.BatchNorm` ran in training mode.
@@ -200,20 +201,33 @@ def nnx_drift(model: Any, x: Any, **call_kwargs: Any) -> dict[str, Drift]:
 
   where = "nnx_drift"
   layers = _nnx_moments.norm_layers(model, where)
+  running = {_path_name(path): (layer.mean[...], layer.var[...]) for path, layer in layers.items()}
   graphdef, rng_state, other_state = nnx.split(model, nnx.RngState, ...)
   static_kwargs, traced_kwargs = _nnx_moments.split_call_kwargs(call_kwargs)
+  return _nnx_report(graphdef, static_kwargs, rng_state, other_state, x, traced_kwargs, running)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _nnx_report(graphdef: Any, static_kwargs: tuple[tuple[str, Any], ...], rng_state: Any,
+                other_state: Any, x: Any, traced_kwargs: Mapping[str, Any],
+                running: Mapping[str, tuple[jax.Array, jax.Array]]) -> dict[str, Drift]:
+  """`nnx_drift`'s measurement and report, one compiled program per model and input shape."""
   sown, _ = _nnx_moments.measure(graphdef, static_kwargs, rng_state, other_state, x,
-                                traced_kwargs)
+                                 traced_kwargs)
   report = {}
   for path, calls in _leaves(sown, "moments"):
-    layer = layers[path]
-    report["/".join(str(key) for key in path)] = _layer_drift(
-        calls, layer.mean[...], layer.var[...], [moments["updated"] for moments in calls])
+    running_mean, running_var = running[_path_name(path)]
+    report[_path_name(path)] = _layer_drift(calls, running_mean, running_var,
+                                            [moments["updated"] for moments in calls])
   if not report:
-    raise ValueError(f"bnjax.tools.{where}: no bnjax.nnx.BatchNorm layer ran in training mode; "
+    raise ValueError("bnjax.tools.nnx_drift: no bnjax.nnx.BatchNorm layer ran in training mode; "
                      "they are switched to training mode, so the model's `__call__` must not pass "
                      "`use_running_average=True` to them.")
   return report
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  return "/".join(str(key) for key in path)
 
 
 def _layer_drift(calls: Sequence[Mapping[str, Any]], running_mean: jax.Array,

@@ -309,15 +309,11 @@ class _Population:
 
   def add(self, sown: Mapping[str, Any]) -> None:
     """Merges one batch's sown moments (``{...: {'moments': (call, ...)}}``) into the totals."""
-    for path, calls in _sown_layers(sown):
-      for moments in calls:
-        self.totals[path] = merge_population(self.totals.get(path), population_moments(moments))
-        unbiased = bool(moments["unbiased"])
-        self.unbiased[path] = unbiased
-        # The rule by which a training step updates a channel (`update_running_stats`).
-        took = (jnp.isfinite(moments["mean"]) & jnp.isfinite(moments["var"])
-                & (moments["count"] > (1 if unbiased else 0)))
-        self.updates[path] = self.updates.get(path, 0) + took.astype(jnp.int32)
+    layers = _sown_layers(sown)
+    for (path, calls), (moments, took) in zip(layers, _batch_moments(sown), strict=True):
+      self.totals[path] = merge_population(self.totals.get(path), moments)
+      self.unbiased[path] = bool(calls[0]["unbiased"])
+      self.updates[path] = self.updates.get(path, 0) + took
     self.seen += 1
     self.report(self.seen)
 
@@ -336,6 +332,24 @@ class _Population:
                                like=BatchNormState(layer["mean"], layer["var"]))
       found.append((path, state, self.updates[path]))
     return found
+
+
+@jax.jit
+def _batch_moments(sown: Mapping[str, Any]) -> list[tuple[stats.Moments, jax.Array]]:
+  """Per layer, in `_sown_layers` order: the merged moments of its calls on one batch.
+
+  With them, per channel, how many of those calls a training step would have updated it with.
+  """
+  found = []
+  for _, calls in _sown_layers(sown):
+    parts = [population_moments(moments) for moments in calls]
+    merged = stats.merge_moments(jax.tree.map(lambda *fields: jnp.stack(fields), *parts))
+    # The rule by which a training step updates a channel (`update_running_stats`).
+    took = sum(((jnp.isfinite(m["mean"]) & jnp.isfinite(m["var"])
+                 & (m["count"] > m["unbiased"].astype(m["count"].dtype))).astype(jnp.int32)
+                for m in calls), jnp.zeros((), jnp.int32))
+    found.append((merged, took))
+  return found
 
 
 def _progress_reporter(progress: Any, total: int | None, where: str

@@ -39,6 +39,17 @@ def _batches():
           .astype(np.float32) for b in range(2)]
 
 
+def _variables(model, x):
+  """Random parameters and running statistics of the model's shapes, drawn by NumPy (no compile)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 1.0, s.shape), jnp.float32),
+                        shapes["params"])
+  running = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 2.0, s.shape), jnp.float32),
+                         shapes["batch_stats"])
+  return {"params": params, "batch_stats": running}
+
+
 def _population_reference(variables, batches):
   """Each layer's float64 population statistics, the first normalising by (global) batch."""
   p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
@@ -59,7 +70,7 @@ def test_precise_batch_stats_across_devices_equal_one_device_and_float64():
   mesh = Mesh(np.array(jax.devices()[:8]), (AXIS,))
   sharded_model, single_model = _TwoLayers(axis_name=AXIS), _TwoLayers()
   batches = _batches()
-  variables = single_model.init(jax.random.key(0), batches[0], train=False)
+  variables = _variables(single_model, batches[0])
 
   def sharded_apply(variables, batch, *, mutable, train):
     def local(variables, batch):
