@@ -58,3 +58,14 @@ WHITENING_STAGES = ("covariance", "matrix function (iterative)", "matrix functio
 def whitening_row(method: str, group: int, eigh_autodiff: bool = False) -> str:
   """The row name of a whitening implementation."""
   return f"{method} g{group}" + (" eigh autodiff" if eigh_autodiff else "")
+
+# Ghost batches (`peers.GHOST_BATCH`): bnjax's batch norm with `ghost_batch_size=GHOST_SIZE` against
+# the plain one on the same input; the full plan times it on GHOST_SHAPES, float32 only, and the
+# report's target is GHOST_TARGET times the plain layer's forward+backward.
+GHOST_BATCH = "ghost batch"
+GHOST_ROW = "bnjax ghost batches"
+GHOST_REFERENCE = "bnjax plain"
+GHOST_SIZE = 32
+GHOST_SHAPES = ((256, 32, 32, 64),)
+GHOST_TARGET = 1.1
+VS_PLAIN = "vs_plain"

@@ -87,6 +87,7 @@ class Comparison:
     full_shapes: the shapes it runs on in the full plan, instead of `cases.SHAPES` (None: those);
       the quick and smoke plans always use their own small shapes.
     dtypes: the dtypes it runs in (None: the plan's).
+    modes: the programs it times (`names.MODES`: forward and forward+backward).
   """
 
   name: str
@@ -97,6 +98,7 @@ class Comparison:
   shown_label: str
   full_shapes: tuple[Shape, ...] | None = None
   dtypes: tuple[str, ...] | None = None
+  modes: tuple[str, ...] = names.MODES
 
   def shapes_for(self, plan) -> tuple[Shape, ...]:
     """Its shapes in `plan`: `full_shapes` in the full plan when set, else the plan's."""
@@ -395,6 +397,41 @@ WHITENING = Comparison(
     references={names.VS_BATCH_NORM: names.WHITENING_REFERENCE}, shown=(names.VS_BATCH_NORM,),
     shown_label="× bnjax batch norm", full_shapes=names.WHITENING_SHAPES, dtypes=("float32",))
 
+# ============================================================================ ghost batches
+
+
+def ghost_size(shape: Shape) -> int:
+  """`names.GHOST_SIZE`, or half the batch when it is smaller than two ghost batches (smoke)."""
+  return names.GHOST_SIZE if shape[0] >= 2 * names.GHOST_SIZE else max(1, shape[0] // 2)
+
+
+def bnjax_ghost_batch_norm(shape: Shape, dtype_name: str) -> JaxLayer:
+  """`bnjax.batch_norm` in training mode with ghost batches of `ghost_size(shape)` examples."""
+  del dtype_name  # bnjax's parameters and statistics are float32 for every input dtype.
+  params, state = bnjax.init(shape[-1])
+  ghost = ghost_size(shape)
+
+  def apply(x, params, state):
+    return bnjax.batch_norm(params, state, x, True, momentum=MOMENTUM, epsilon=EPSILON,
+                            ghost_batch_size=ghost)
+
+  return JaxLayer(apply, params, state)
+
+
+GHOST_BATCH = Comparison(
+    name=names.GHOST_BATCH, heading=f"ghost batches of {names.GHOST_SIZE}",
+    implementations=(
+        Implementation(names.GHOST_ROW,
+                       f"`bnjax.batch_norm(..., ghost_batch_size={names.GHOST_SIZE})` (half the "
+                       f"batch when it is under {2 * names.GHOST_SIZE}): each run of examples "
+                       "normalised with its own statistics", build=bnjax_ghost_batch_norm,
+                       in_stack=False),
+        Implementation(names.GHOST_REFERENCE, "`bnjax.batch_norm`, the reference of the ratios",
+                       build=bnjax_batch_norm, in_stack=False)),
+    references={names.VS_PLAIN: names.GHOST_REFERENCE}, shown=(names.VS_PLAIN,),
+    shown_label="× bnjax without ghost batches", full_shapes=names.GHOST_SHAPES,
+    dtypes=("float32",), modes=(names.FORWARD_BACKWARD,))
+
 # ============================================================================ normalization family
 # Per-example norms: no running statistics, so `state` is () and passes through. Each is compared
 # with Flax's linen layer on the same shapes (features last), at its default (the fast variance
@@ -485,7 +522,7 @@ RMS_NORM = Comparison(
     full_shapes=((4096, 1024),))
 
 # Every comparison the micro-benchmarks run, in report order.
-COMPARISONS = (BATCH_NORM, WHITENING, LAYER_NORM, GROUP_NORM, RMS_NORM)
+COMPARISONS = (BATCH_NORM, WHITENING, GHOST_BATCH, LAYER_NORM, GROUP_NORM, RMS_NORM)
 
 # The stack-memory table: batch norm's JAX rows that keep something, and plain autodiff.
 STACK_IMPLEMENTATIONS = tuple(

@@ -95,7 +95,7 @@ def micro_case(comparison: peers.Comparison, plan: Plan, shape, dtype_name: str,
   x = jnp.asarray(cases.normal(shape, seed=0), dtype_name)
   dy = jnp.asarray(cases.normal(shape, seed=1), dtype_name)
   entries = []
-  for mode in names.MODES:
+  for mode in comparison.modes:
     runs, analysis = {}, {}
     for impl in impls:  # JAX first, then eager: eager rows need no compilation.
       if impl.build is None:

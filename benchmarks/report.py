@@ -111,6 +111,12 @@ def _targets(runs):
           f"({_shape(names.WHITENING_SHAPES[0])})",
           [whitening_case["impls"].get(names.whitening_row("iterative", 64), {}).get(
               names.VS_BATCH_NORM)], 3.0)
+    ghost_cases = [c for c in _cases(run, names.GHOST_BATCH)
+                   if c["mode"] == MODES[1] and c["dtype"] == "float32"]
+    for case in ghost_cases:
+      add(f"ghost batches of {names.GHOST_SIZE}: fwd+bwd ≤ {names.GHOST_TARGET}× without "
+          f"({_shape(case['shape'])})",
+          [case["impls"].get(names.GHOST_ROW, {}).get(names.VS_PLAIN)], names.GHOST_TARGET)
   for run in runs:
     for e in run.get("models", []):
       if e["dtype"] != "float32":

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 import functools
 import numbers
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
@@ -25,6 +25,7 @@ from bnjax import whitening
 from bnjax.functional import batch_norm
 from bnjax.types import BatchNormParams
 from bnjax.types import BatchNormState
+from bnjax.types import BatchStats
 from bnjax.types import CumulativeState
 
 __all__ = ["BatchNorm"]
@@ -38,7 +39,7 @@ _ONES = nnx.initializers.ones_init()
 # op; compiled once per configuration it costs what one fused call costs. Inside `nnx.jit`,
 # `shard_map`, `vmap` or `scan` the inner `jit` is inlined: same program, same numbers.
 _STATIC_ARGNAMES = ("train", "axis", "momentum", "epsilon", "axis_name", "axis_index_groups",
-                    "unbiased_running_var", "custom_vjp", "ghost_batch_size")
+                    "unbiased_running_var", "custom_vjp", "ghost_batch_size", "return_stats")
 _compiled_batch_norm = jax.jit(batch_norm, static_argnames=_STATIC_ARGNAMES)
 
 
@@ -247,9 +248,20 @@ class BatchNorm(nnx.Module):
     # raises the error that says how to fix them, or runs uncompiled.
     call = _compiled_batch_norm if _hashable(static.values()) else batch_norm
     train = static.pop("train")
-    y, new_state = call(BatchNormParams(scale, bias), running, x, train, mask=mask, **static,
-                        renorm_r_max=self.renorm_r_max if train else None,
-                        renorm_d_max=self.renorm_d_max if train else None)
+    # Inside `nnx.capture(..., BatchMoments)` (what `bnjax.tools` uses) the step's global batch
+    # moments are sown; otherwise nothing is measured beyond what the update needs.
+    capturing = train and _captures(self, BatchMoments)
+    outputs = call(BatchNormParams(scale, bias), running, x, train, mask=mask, **static,
+                   return_stats=capturing,
+                   renorm_r_max=self.renorm_r_max if train else None,
+                   renorm_d_max=self.renorm_d_max if train else None)
+    y, new_state = outputs[0], outputs[1]
+    if capturing:
+      batch_stats = cast(BatchStats, cast(tuple[Any, ...], outputs)[2])
+      self.sow(BatchMoments, "moments", {
+          "mean": batch_stats.mean, "var": batch_stats.var, "count": batch_stats.count,
+          "updated": batch_stats.updated, "unbiased": jnp.asarray(self.unbiased_running_var),
+          "epsilon": jnp.asarray(self.epsilon, jnp.float32)})
     if train:
       self.mean[...] = new_state.mean
       self.var[...] = new_state.var
@@ -265,6 +277,34 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+class BatchMoments(nnx.Intermediate):
+  """What a training-mode `BatchNorm` sows inside ``nnx.capture(..., BatchMoments)``.
+
+  Under the name ``moments``, one dict per call: the global batch ``mean``, biased ``var`` and
+  int ``count`` per channel (combined over ``axis_name``, as `bnjax.BatchStats`), the ``updated``
+  flags, and the layer's ``unbiased`` (``unbiased_running_var``) and ``epsilon``. Outside such a
+  capture a layer sows nothing, and its state is Flax's. `bnjax.tools.nnx_precise_batch_stats`
+  and `bnjax.tools.nnx_drift` read it.
+
+  Examples:
+    >>> from flax import nnx
+    >>> layer = bnjax.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> _, sown = nnx.capture(layer, bnjax.nnx.BatchMoments)(jnp.array([[1.0], [3.0]]))
+    >>> moments, = sown['moments'].get_value()  # one call
+    >>> moments['mean'], moments['var'], moments['count']
+    (Array([2.], dtype=float32), Array([1.], dtype=float32), Array([2], dtype=int32))
+  """
+
+
+__all__ += ["BatchMoments"]
+
+
+def _captures(module: nnx.Module, variable_type: type[nnx.Variable[Any]]) -> bool:
+  """Whether `module` runs inside ``nnx.capture`` of `variable_type` (so `sow` would store)."""
+  captures = getattr(module, "__captures__", ())
+  return any(type(variable) is variable_type for variable in captures)
 
 
 def _feature_shape(num_features: Any) -> tuple[int, ...]:

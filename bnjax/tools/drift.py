@@ -20,20 +20,23 @@ differ by ``N / (N - 1)`` even for identical data: evaluation really divides by 
 
 `drift` is the pure function (for `bnjax.batch_norm`'s ``return_stats=True``); `linen_drift`
 collects it from every `bnjax.BatchNorm` of a linen model after one training-mode ``apply`` with
-``mutable=DRIFT_COLLECTIONS``, reusing what the layers sow; `drift_summary` flattens its report
-into scalars for a metrics log. None of them imports flax at import time.
+``mutable=DRIFT_COLLECTIONS``, reusing what the layers sow; `nnx_drift` does the same for every
+`bnjax.nnx.BatchNorm` of an NNX model in one call on a copy of it; `drift_summary` flattens either
+report into scalars for a metrics log. None of them imports flax at import time.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bnjax import stats
+from bnjax.tools import _nnx_moments
 from bnjax.tools.precise import population_moments
 
-__all__ = ["DRIFT_COLLECTIONS", "Drift", "drift", "drift_summary", "linen_drift"]
+__all__ = ["DRIFT_COLLECTIONS", "Drift", "drift", "drift_summary", "linen_drift", "nnx_drift"]
 
 #: The ``mutable=`` list that makes a training-mode ``apply`` of a linen model return what
 #: `linen_drift` reads: the updated running statistics, each `bnjax.BatchNorm`'s batch moments
@@ -154,16 +157,89 @@ def linen_drift(variables: Mapping[str, Any], updates: Mapping[str, Any]) -> dic
   flags = updates.get(linen.DIAGNOSTICS, {})
   report = {}
   for path, calls in _leaves(sown, "moments"):
-    parts = [population_moments(moments) for moments in calls]
-    total = stats.merge_moments(jax.tree.map(lambda *fields: jnp.stack(fields), *parts))
     running = _at(variables["batch_stats"], path)
-    layer = drift(total.mean, total.var, running["mean"], running["var"], calls[0]["epsilon"])
     updated = _at(flags, path).get("batch_stats_updated") if _has(flags, path) else None
-    if updated is not None:
-      skipped = sum(jnp.sum(jnp.logical_not(u), dtype=jnp.int32) for u in updated)
-      layer = layer._replace(skipped_channels=jnp.asarray(skipped, jnp.int32))
-    report["/".join(path)] = layer
+    report["/".join(path)] = _layer_drift(calls, running["mean"], running["var"], updated)
   return report
+
+
+def nnx_drift(model: Any, x: Any, **call_kwargs: Any) -> dict[str, Drift]:
+  """The drift of every `bnjax.nnx.BatchNorm` of an NNX model on one batch.
+
+  The NNX counterpart of `linen_drift`, with the same per-layer result: ``model(x,
+  **call_kwargs)`` runs once on a copy of the model (compiled once per input shape and settings),
+  every norm layer normalising with its batch statistics as in training and every other module as
+  the model is set. Each layer's global batch moments (combined over ``axis_name``; a layer called
+  more than once pooled exactly over its calls) are compared by `drift`, with the layer's ε, with
+  its running statistics. ``skipped_channels`` counts the channels whose running statistics a
+  training step would have kept (over all calls). The model is not changed: its running
+  statistics, parameters and random state stay as they were.
+
+  Args:
+    model: an ``nnx.Module`` containing `bnjax.nnx.BatchNorm` layers.
+    x: the input, passed as the first argument of ``model``.
+    **call_kwargs: further keyword arguments of ``model(x, ...)``; hashable values are static,
+      arrays are traced.
+
+  Returns:
+    ``{layer path: Drift}``, paths joined by ``/`` (e.g. ``'blocks/0/bn'``; ``''`` for a model
+    that is itself a `bnjax.nnx.BatchNorm`), in sorted order.
+
+  Raises:
+    ValueError: if no `bnjax.nnx.BatchNorm` ran in training mode.
+    TypeError: if ``model`` is not an ``nnx.Module``.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from bnjax.tools import nnx_drift
+    >>> model = bnjax.nnx.BatchNorm(1, rngs=nnx.Rngs(0))  # running mean 0, variance 1
+    >>> report = nnx_drift(model, jnp.array([[1.0], [3.0]]))
+    >>> report[''].smd, report[''].skipped_channels  # (2 - 0) / sqrt(1 + 1e-5)
+    (Array([1.99999], dtype=float32), Array(0, dtype=int32))
+  """
+  from flax import nnx  # flax is imported only by this function.
+
+  where = "nnx_drift"
+  layers = _nnx_moments.norm_layers(model, where)
+  running = {_path_name(path): (layer.mean[...], layer.var[...]) for path, layer in layers.items()}
+  graphdef, rng_state, other_state = nnx.split(model, nnx.RngState, ...)
+  static_kwargs, traced_kwargs = _nnx_moments.split_call_kwargs(call_kwargs)
+  return _nnx_report(graphdef, static_kwargs, rng_state, other_state, x, traced_kwargs, running)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _nnx_report(graphdef: Any, static_kwargs: tuple[tuple[str, Any], ...], rng_state: Any,
+                other_state: Any, x: Any, traced_kwargs: Mapping[str, Any],
+                running: Mapping[str, tuple[jax.Array, jax.Array]]) -> dict[str, Drift]:
+  """`nnx_drift`'s measurement and report, one compiled program per model and input shape."""
+  sown, _ = _nnx_moments.measure(graphdef, static_kwargs, rng_state, other_state, x,
+                                 traced_kwargs)
+  report = {}
+  for path, calls in _leaves(sown, "moments"):
+    running_mean, running_var = running[_path_name(path)]
+    report[_path_name(path)] = _layer_drift(calls, running_mean, running_var,
+                                            [moments["updated"] for moments in calls])
+  if not report:
+    raise ValueError("bnjax.tools.nnx_drift: no bnjax.nnx.BatchNorm layer ran in training mode; "
+                     "they are switched to training mode, so the model's `__call__` must not pass "
+                     "`use_running_average=True` to them.")
+  return report
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  return "/".join(str(key) for key in path)
+
+
+def _layer_drift(calls: Sequence[Mapping[str, Any]], running_mean: jax.Array,
+                 running_var: jax.Array, updated: Sequence[jax.Array] | None) -> Drift:
+  """One layer's `Drift` for the pooled moments of its calls, with its skipped channels."""
+  parts = [population_moments(moments) for moments in calls]
+  total = stats.merge_moments(jax.tree.map(lambda *fields: jnp.stack(fields), *parts))
+  layer = drift(total.mean, total.var, running_mean, running_var, calls[0]["epsilon"])
+  if updated is not None:
+    skipped = sum(jnp.sum(jnp.logical_not(u), dtype=jnp.int32) for u in updated)
+    layer = layer._replace(skipped_channels=jnp.asarray(skipped, jnp.int32))
+  return layer
 
 
 def drift_summary(report: Mapping[str, Drift]) -> dict[str, jax.Array]:
@@ -192,15 +268,15 @@ def drift_summary(report: Mapping[str, Drift]) -> dict[str, jax.Array]:
   return summary
 
 
-def _leaves(tree: Mapping[str, Any], name: str, path: tuple[str, ...] = ()
-            ) -> list[tuple[tuple[str, ...], tuple[Any, ...]]]:
+def _leaves(tree: Mapping[Any, Any], name: str, path: tuple[Any, ...] = ()
+            ) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
   """``(layer path, sown values)`` for every entry called `name` in a sown collection."""
   found = []
   for key, value in tree.items():
     if key == name and isinstance(value, tuple):
       found.append((path, value))
     elif isinstance(value, Mapping):
-      found.extend(_leaves(value, name, (*path, str(key))))
+      found.extend(_leaves(value, name, (*path, key)))
   return found
 
 

@@ -18,7 +18,7 @@ Building blocks for `bnjax.batch_norm` users (`population_moments`, `merge_popul
 `population_state`) import no flax; `precise_batch_stats` is for linen models of `bnjax.BatchNorm`.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import jax
@@ -26,10 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax import stats
+from bnjax.tools import _nnx_moments
 from bnjax.types import BatchNormState
 from bnjax.types import BatchStats
 
-__all__ = ["merge_population", "population_moments", "population_state", "precise_batch_stats"]
+__all__ = ["merge_population", "nnx_precise_batch_stats", "population_moments", "population_state",
+           "precise_batch_stats"]
+
+#: ``progress(done, total)``: batches done so far, and the number of batches (None when the
+#: iterable has no ``len``).
+ProgressCallback = Callable[[int, int | None], None]
 
 _COUNT_LIMIT = np.iinfo(np.int32).max
 
@@ -140,7 +146,7 @@ def population_state(moments: stats.Moments, unbiased: bool = False,
 
 def precise_batch_stats(apply_fn: Callable[..., Any], variables: Mapping[str, Any],
                         batches: Iterable[Any], *,
-                        progress: Callable[[int], None] | None = None,
+                        progress: bool | ProgressCallback | None = None,
                         **apply_kwargs: Any) -> dict[str, Any]:
   """Linen variables whose every `bnjax.BatchNorm` layer holds its population statistics.
 
@@ -150,7 +156,9 @@ def precise_batch_stats(apply_fn: Callable[..., Any], variables: Mapping[str, An
   across the calls of a layer used twice). Then every layer's ``batch_stats`` ``mean``/``var`` are
   replaced by the population's, ``var`` unbiased for layers with ``unbiased_running_var``. The
   parameters and every other variable are returned unchanged; the running averages the passes
-  produce are discarded. See the module doc for the semantics.
+  produce are discarded. A layer with ``momentum=None`` (cumulative average) also gets ``count``,
+  per channel the number of calls that would have updated it (so that training on weighs the next
+  batch as one more). See the module doc for the semantics.
 
   Args:
     apply_fn: ``model.apply``, or a function with its signature (e.g. one that runs it across
@@ -158,8 +166,9 @@ def precise_batch_stats(apply_fn: Callable[..., Any], variables: Mapping[str, An
     variables: the trained variables, with ``params`` and ``batch_stats``.
     batches: an iterable of inputs, each passed as the second argument of ``apply_fn``; the last
       may be smaller. A finite number of them is read once.
-    progress: called with the number of batches done after each one (e.g. a progress bar's
-      ``update``), or None.
+    progress: None (silent), True (a ``tqdm`` progress bar; tqdm must be installed), or a
+      callable ``progress(done, total)`` called after each batch with the number of batches done
+      and ``len(batches)`` (None when ``batches`` has no length).
     **apply_kwargs: keyword arguments of the call that put the norm layers in training mode with
       the rest of the model in evaluation, e.g. ``train=True, deterministic=True`` (dropout off).
       Static values: they are closed over, not traced.
@@ -169,6 +178,8 @@ def precise_batch_stats(apply_fn: Callable[..., Any], variables: Mapping[str, An
 
   Raises:
     ValueError: if ``batches`` is empty, or no `bnjax.BatchNorm` layer ran in training mode.
+    ImportError: with ``progress=True`` if tqdm is not installed.
+    TypeError: if ``progress`` is neither None, a bool nor a callable.
 
   Examples:
     >>> import flax.linen as nn
@@ -193,31 +204,186 @@ def precise_batch_stats(apply_fn: Callable[..., Any], variables: Mapping[str, An
                           **apply_kwargs)
     return updates.get(BATCH_MOMENTS, {})
 
-  totals: dict[tuple[Any, ...], stats.Moments] = {}
-  unbiased: dict[tuple[Any, ...], bool] = {}
-  seen = 0
+  population = _Population("precise_batch_stats", "bnjax.BatchNorm", progress, batches)
   for batch in batches:
-    sown = measure(variables, batch)
-    for path, calls in _sown_layers(sown):
-      for moments in calls:
-        totals[path] = merge_population(totals.get(path), population_moments(moments))
-        unbiased[path] = bool(moments["unbiased"])
-    seen += 1
-    if progress is not None:
-      progress(seen)
-  if seen == 0:
-    raise ValueError("precise_batch_stats: `batches` is empty; pass at least one batch.")
-  if not totals:
-    raise ValueError("precise_batch_stats: no bnjax.BatchNorm layer ran in training mode; pass "
-                     "the keyword arguments that make it (e.g. `train=True` or "
-                     "`use_running_average=False`).")
+    population.add(measure(variables, batch))
   new_stats = dict(variables["batch_stats"])
-  for path, total in totals.items():
+  for path, state, updates in population.states(
+      lambda path: _at(new_stats, path), "pass the keyword arguments that make it (e.g. "
+      "`train=True` or `use_running_average=False`)"):
     layer = _at(new_stats, path)
-    state = population_state(total, unbiased[path],
-                             like=BatchNormState(layer["mean"], layer["var"]))
     layer["mean"], layer["var"] = state.mean, state.var
+    if "count" in layer:
+      layer["count"] = updates.astype(jnp.result_type(layer["count"]))
   return {**variables, "batch_stats": new_stats}
+
+
+def nnx_precise_batch_stats(model: Any, batches: Iterable[Any], *,
+                            progress: bool | ProgressCallback | None = None,
+                            **call_kwargs: Any) -> Any:
+  """Sets every `bnjax.nnx.BatchNorm` of an NNX model to its population statistics, in place.
+
+  The NNX counterpart of `precise_batch_stats`, with the same semantics: for each batch,
+  ``model(batch, **call_kwargs)`` runs on a copy of the model (compiled once per batch shape),
+  every norm layer normalising with its batch statistics (each module with a
+  ``use_running_average`` attribute has it False in the copy; every other module runs as the model
+  is set, so call ``model.eval()`` first for dropout off). Each `bnjax.nnx.BatchNorm` sows its
+  global batch moments (`bnjax.nnx.BatchMoments`, combined over ``axis_name`` as in training),
+  merged exactly across batches and calls by Chan et al.'s formula (`merge_population`). Then
+  each layer's ``mean`` and ``var`` ``nnx.BatchStat`` are set to the population's (``var``
+  unbiased, ``m2 / (N - 1)``, for layers with ``unbiased_running_var``), and for
+  ``momentum=None`` its ``count`` to the number of calls that would have updated each channel.
+
+  As NNX's own updates (``nnx.Optimizer.update``), the model is changed in place, and returned
+  for convenience. Only those ``nnx.BatchStat`` variables change: the parameters, every other
+  variable and the random-number state are untouched (the copy's dropout keys advance from batch
+  to batch during the pass and are then discarded, so two calls give the same statistics).
+
+  Args:
+    model: an ``nnx.Module`` containing `bnjax.nnx.BatchNorm` layers.
+    batches: an iterable of inputs, each passed as the first argument of ``model``; the last
+      may be smaller. A finite number of them is read once.
+    progress: None (silent), True (a ``tqdm`` progress bar; tqdm must be installed), or a
+      callable ``progress(done, total)`` called after each batch with the number of batches done
+      and ``len(batches)`` (None when ``batches`` has no length).
+    **call_kwargs: further keyword arguments of ``model(batch, ...)``; hashable values are static
+      (a new value compiles anew), arrays are traced.
+
+  Returns:
+    ``model`` itself, updated.
+
+  Raises:
+    ValueError: if ``batches`` is empty, or no `bnjax.nnx.BatchNorm` ran in training mode (e.g.
+      the model's ``__call__`` passes ``use_running_average=True`` to all of them).
+    ImportError: with ``progress=True`` if tqdm is not installed.
+    TypeError: if ``progress`` is neither None, a bool nor a callable.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from bnjax.tools import nnx_precise_batch_stats
+    >>> model = bnjax.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> model.eval()
+    >>> data = jnp.array([[1.0], [2.0], [6.0], [7.0], [9.0]])
+    >>> _ = nnx_precise_batch_stats(model, [data[:3], data[3:]])
+    >>> model.mean[...], model.var[...]  # of [1, 2, 6, 7, 9]
+    (Array([5.], dtype=float32), Array([9.2], dtype=float32))
+  """
+  from flax import nnx  # flax is imported only by this function.
+
+  where = "nnx_precise_batch_stats"
+  layers = _nnx_moments.norm_layers(model, where)
+  graphdef, rng_state, other_state = nnx.split(model, nnx.RngState, ...)
+  static_kwargs, traced_kwargs = _nnx_moments.split_call_kwargs(call_kwargs)
+  population = _Population(where, "bnjax.nnx.BatchNorm", progress, batches)
+  for batch in batches:
+    sown, rng_state = _nnx_moments.measure(graphdef, static_kwargs, rng_state, other_state, batch,
+                                   traced_kwargs)
+    population.add(sown)
+
+  def running(path: tuple[Any, ...]) -> dict[str, Any]:
+    return {"mean": layers[path].mean[...], "var": layers[path].var[...]}
+
+  for path, state, updates in population.states(
+      running, "they are switched to training mode, so the model's `__call__` must not pass "
+      "`use_running_average=True` to them"):
+    layer = layers[path]
+    layer.mean[...] = state.mean
+    layer.var[...] = state.var
+    if layer.momentum is None:
+      layer.count[...] = updates.astype(layer.count[...].dtype)
+  return model
+
+
+class _Population:
+  """The exact population moments of every layer over a pass, with its progress report."""
+
+  def __init__(self, where: str, layer_name: str, progress: Any, batches: Iterable[Any]) -> None:
+    self.where = where
+    self.layer_name = layer_name
+    self.totals: dict[tuple[Any, ...], stats.Moments] = {}
+    self.unbiased: dict[tuple[Any, ...], bool] = {}
+    self.updates: dict[tuple[Any, ...], jax.Array] = {}
+    self.seen = 0
+    self.report = _progress_reporter(progress, len(batches) if isinstance(batches, Sized)
+                                      else None, where)
+
+  def add(self, sown: Mapping[str, Any]) -> None:
+    """Merges one batch's sown moments (``{...: {'moments': (call, ...)}}``) into the totals."""
+    layers = _sown_layers(sown)
+    for (path, calls), (moments, took) in zip(layers, _batch_moments(sown), strict=True):
+      self.totals[path] = merge_population(self.totals.get(path), moments)
+      self.unbiased[path] = bool(calls[0]["unbiased"])
+      self.updates[path] = self.updates.get(path, 0) + took
+    self.seen += 1
+    self.report(self.seen)
+
+  def states(self, running: Callable[[tuple[Any, ...]], Mapping[str, Any]], hint: str
+             ) -> list[tuple[tuple[Any, ...], BatchNormState, jax.Array]]:
+    """``(layer path, population state, updates per channel)`` of every layer that ran."""
+    self.report(None)
+    if self.seen == 0:
+      raise ValueError(f"{self.where}: `batches` is empty; pass at least one batch.")
+    if not self.totals:
+      raise ValueError(f"{self.where}: no {self.layer_name} layer ran in training mode; {hint}.")
+    found = []
+    for path, total in self.totals.items():
+      layer = running(path)
+      state = population_state(total, self.unbiased[path],
+                               like=BatchNormState(layer["mean"], layer["var"]))
+      found.append((path, state, self.updates[path]))
+    return found
+
+
+@jax.jit
+def _batch_moments(sown: Mapping[str, Any]) -> list[tuple[stats.Moments, jax.Array]]:
+  """Per layer, in `_sown_layers` order: the merged moments of its calls on one batch.
+
+  With them, per channel, how many of those calls a training step would have updated it with.
+  """
+  found = []
+  for _, calls in _sown_layers(sown):
+    parts = [population_moments(moments) for moments in calls]
+    merged = stats.merge_moments(jax.tree.map(lambda *fields: jnp.stack(fields), *parts))
+    # The rule by which a training step updates a channel (`update_running_stats`).
+    took = sum(((jnp.isfinite(m["mean"]) & jnp.isfinite(m["var"])
+                 & (m["count"] > m["unbiased"].astype(m["count"].dtype))).astype(jnp.int32)
+                for m in calls), jnp.zeros((), jnp.int32))
+    found.append((merged, took))
+  return found
+
+
+def _progress_reporter(progress: Any, total: int | None, where: str
+                       ) -> Callable[[int | None], None]:
+  """``report(done)`` after each batch, ``report(None)`` at the end, for a `progress` argument."""
+  if progress is None or progress is False:
+    return _silent
+  if progress is True:
+    try:
+      import tqdm  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+      raise ImportError(
+          f"bnjax.tools.{where}: `progress=True` shows a tqdm progress bar, but tqdm is not "
+          "installed. Install it (`pip install tqdm`), or pass a callable "
+          "`progress(done, total)`, or None.") from error
+    bar = tqdm.tqdm(total=total, desc=where, unit="batch")
+
+    def update_bar(done: int | None) -> None:
+      if done is None:
+        bar.close()
+      else:
+        bar.update(1)
+    return update_bar
+  if callable(progress):
+    def call_back(done: int | None) -> None:
+      if done is not None:
+        progress(done, total)
+    return call_back
+  raise TypeError(f"bnjax.tools.{where}: `progress` must be None, a bool or a callable "
+                  f"`progress(done, total)`; got {type(progress).__name__}.")
+
+
+def _silent(_: int | None) -> None:
+  pass
 
 
 def _sown_layers(tree: Mapping[str, Any], path: tuple[Any, ...] = ()
