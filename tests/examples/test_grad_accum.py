@@ -18,6 +18,7 @@ from bnjax_examples import config_check
 from bnjax_examples import input_pipeline
 from bnjax_examples import steps
 from configs import default as default_config
+from tests.examples import float64_reference
 
 K = 4  # Micro-batches of 8 from the smoke config's batch of 32.
 UNOPTIMISED = {"xla_backend_optimization_level": 0}  # Compiles in a second; same values.
@@ -25,9 +26,13 @@ UNOPTIMISED = {"xla_backend_optimization_level": 0}  # Compiles in a second; sam
 
 def gradient_recorder() -> optax.GradientTransformation:
   """An optimizer that leaves the parameters alone and keeps the last gradient as its state."""
+
+  def update(grads, state, params=None):
+    del state, params  # Replaced by the new gradient; the parameters stay.
+    return jax.tree.map(jnp.zeros_like, grads), grads
+
   return optax.GradientTransformation(
-      init=lambda params: jax.tree.map(jnp.zeros_like, params),
-      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+      init=lambda params: jax.tree.map(jnp.zeros_like, params), update=update)
 
 
 @pytest.fixture(scope="module")
@@ -41,32 +46,17 @@ def one_step():
   state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                   tx=gradient_recorder(), batch_stats=variables["batch_stats"])
   batch = next(input_pipeline.train_batches(dataset, global_batch_size=config.batch_size, seed=0))
-  step = jax.jit(functools.partial(steps.train_step, grad_accum_steps=K,
+  step = jax.jit(functools.partial(steps.train_step, grad_accum_steps=K, log_drift=True,
                                    batch_norm_momentum=config.batch_norm_momentum),
                  compiler_options=UNOPTIMISED)
   new_state, step_metrics = step(state, batch)
   return config, model, state, batch, new_state, step_metrics
 
 
-def conv_same_float64(images_NHWC: np.ndarray, kernel_HWIO: np.ndarray) -> np.ndarray:
-  """A stride-1 'SAME' cross-correlation (what `flax.linen.Conv` computes), in float64."""
-  x = np.asarray(images_NHWC, np.float64)
-  w = np.asarray(kernel_HWIO, np.float64)
-  kh, kw = w.shape[:2]
-  padded = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  height, width = x.shape[1:3]
-  out = np.zeros((*x.shape[:3], w.shape[3]))
-  for i in range(kh):
-    for j in range(kw):
-      out += np.einsum("nhwc,cd->nhwd", padded[:, i:i + height, j:j + width, :], w[i, j])
-  return out
-
-
 def test_first_norm_layer_takes_one_update_with_the_whole_batch(one_step):
   config, _, state, batch, new_state, _ = one_step
-  features = conv_same_float64(batch["image"], state.params["Conv_0"]["kernel"])
-  batch_mean = features.mean(axis=(0, 1, 2))
-  batch_var = features.var(axis=(0, 1, 2))  # Biased, as the layer stores it.
+  batch_mean, batch_var = float64_reference.first_layer_moments(  # Biased, as the layer stores.
+      batch["image"], state.params["Conv_0"]["kernel"])
   momentum = config.batch_norm_momentum
   old = jax.device_get(state.batch_stats["BatchNorm_0"])
   new = jax.device_get(new_state.batch_stats["BatchNorm_0"])
@@ -100,12 +90,23 @@ def test_gradient_is_the_mean_of_the_micro_batch_gradients(one_step):
   assert float(step_metrics["count"]) == batch["label"].shape[0]
 
 
+def test_drift_under_accumulation_is_that_of_the_whole_batch(one_step):
+  config, _, state, batch, _, step_metrics = one_step
+  running = jax.device_get(state.batch_stats["BatchNorm_0"])
+  smd, log_ratio = float64_reference.drift_means(
+      *float64_reference.first_layer_moments(batch["image"], state.params["Conv_0"]["kernel"]),
+      running["mean"], running["var"], config.batch_norm_epsilon)
+  np.testing.assert_allclose(step_metrics["drift/BatchNorm_0/mean_abs_smd"], smd, rtol=1e-4)
+  np.testing.assert_allclose(step_metrics["drift/BatchNorm_0/mean_abs_log_var_ratio"], log_ratio,
+                             rtol=1e-4)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("grad_accum_steps", 0, "config.grad_accum_steps = 0: must be an int >= 1"),
     ("grad_accum_steps", -2, "config.grad_accum_steps = -2: must be an int >= 1"),
-    ("grad_accum_steps", 3, "config.grad_accum_steps = 3: each of the 8 devices splits its share "
-     "of config.batch_size = 32 into 3 equal micro-batches, so config.batch_size must be a "
-     "multiple of 24"),
+    ("grad_accum_steps", 3, ("config.grad_accum_steps = 3: each of the 8 devices splits its "
+                             "share of config.batch_size = 32 into 3 equal micro-batches, so "
+                             "config.batch_size must be a multiple of 24")),
     ("norm", "flax", "config.grad_accum_steps = 2: gradient accumulation is built into the linen"),
 ])
 def test_invalid_accumulation_fails_before_training(field, value, message):

@@ -68,6 +68,7 @@ def test_smoke_run_beats_chance_on_the_test_set(smoke_run):
 def test_smoke_run_writes_plot_and_final_checkpoint(smoke_run):
   workdir, state = smoke_run
   assert (workdir / reporting.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+  assert (workdir / reporting.DRIFT_PLOT_FILE).read_bytes().startswith(b"\x89PNG")
   assert int(jax.device_get(state.step)) == 12
   assert train.latest_checkpoint(str(workdir)) == str(workdir / "checkpoints" / "12")
 
@@ -180,6 +181,10 @@ def test_metrics_lines_are_json_with_loss_and_accuracy(smoke_run):
   record = json.loads(lines[-1])
   assert {"epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
           "learning_rate", "norm"} <= set(record)
+  # Drift is logged by default: per norm layer, the epoch's means and its skipped steps.
+  assert sorted(record["drift"]) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
+  assert set(record["drift"]["BatchNorm_0"]) == {"mean_abs_smd", "mean_abs_log_var_ratio",
+                                                 "skipped_steps"}
 
 
 def test_norm_factory_of_the_config_reaches_the_model():
