@@ -132,12 +132,20 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline
 
 
 def run_description(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
-  """What a checkpoint records of its run: the data stream (must match to resume), the model."""
+  """What a checkpoint records of its run: data stream and steps (must match to resume), model.
+
+  ``training`` holds the fields that change what a step computes without changing the variables'
+  names or shapes (those are compared by the checkpointer). ``log_drift`` is not among them: it
+  adds metrics and leaves the state unchanged.
+  """
   model_fields = {"model": config.model, "norm": config.norm, "api": config.get("api", "linen")}
   model_fields.update(config.cnn.to_dict() if config.model == "CNN" else config.resnet.to_dict())
   return {"data": {"dataset": config.dataset, "seed": config.seed,
                    "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
                    "augment": config.augment},
+          "training": {"dropout_rate": config.get("dropout_rate", 0.0),
+                       "batch_renorm": config.get("batch_renorm", False),
+                       "grad_accum_steps": config.get("grad_accum_steps", 1)},
           "model": model_fields}
 
 

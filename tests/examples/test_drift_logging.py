@@ -8,6 +8,7 @@ covers the drift sums a checkpoint's progress keeps.
 """
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ def drift_step():
   state = jax.jit(functools.partial(
       steps.create_train_state, config=config, model=model, image_shape=dataset.image_shape,
       learning_rate_fn=learning_rate_fn), compiler_options=UNOPTIMISED)(jax.random.key(0))
-  batch = next(input_pipeline.train_batches(dataset, global_batch_size=config.batch_size, seed=0))
+  batch = next(input_pipeline.train_batches(dataset, global_batch_size=cast(int, config.batch_size),
+                                             seed=0))
   step = jax.jit(functools.partial(steps.train_step, log_drift=True),
                  compiler_options=UNOPTIMISED)
   return config, state, batch, step

@@ -7,6 +7,7 @@ update with the big batch, computed here in float64 NumPy from the images and th
 """
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ UNOPTIMISED = {"xla_backend_optimization_level": 0}  # Compiles in a second; sam
 def gradient_recorder() -> optax.GradientTransformation:
   """An optimizer that leaves the parameters alone and keeps the last gradient as its state."""
 
-  def update(grads, state, params=None):
+  def update(updates, state, params=None):
     del state, params  # Replaced by the new gradient; the parameters stay.
-    return jax.tree.map(jnp.zeros_like, grads), grads
+    return jax.tree.map(jnp.zeros_like, updates), updates
 
   return optax.GradientTransformation(
       init=lambda params: jax.tree.map(jnp.zeros_like, params), update=update)
@@ -45,9 +46,10 @@ def one_step():
   variables = init(jax.random.key(0), jnp.zeros((2, *dataset.image_shape)))
   state = steps.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                   tx=gradient_recorder(), batch_stats=variables["batch_stats"])
-  batch = next(input_pipeline.train_batches(dataset, global_batch_size=config.batch_size, seed=0))
+  batch = next(input_pipeline.train_batches(dataset, global_batch_size=cast(int, config.batch_size),
+                                             seed=0))
   step = jax.jit(functools.partial(steps.train_step, grad_accum_steps=K, log_drift=True,
-                                   batch_norm_momentum=config.batch_norm_momentum),
+                                   batch_norm_momentum=cast(float, config.batch_norm_momentum)),
                  compiler_options=UNOPTIMISED)
   new_state, step_metrics = step(state, batch)
   return config, model, state, batch, new_state, step_metrics

@@ -110,12 +110,19 @@ def test_checkpoint_of_another_model_shape_is_refused(smoke_run, tmp_path):
   assert not (tmp_path / reporting.METRICS_FILE).exists()
 
 
-def test_checkpoint_of_another_data_stream_is_refused(smoke_run, tmp_path):
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", 1, "seed was 0, now 1"),
+    # What the steps compute, beyond the variables' shapes.
+    ("dropout_rate", 0.5, "dropout_rate was 0.0, now 0.5"),
+    ("batch_renorm", True, "batch_renorm was False, now True"),
+    ("grad_accum_steps", 2, "grad_accum_steps was 1, now 2"),
+])
+def test_checkpoint_of_another_data_stream_is_refused(smoke_run, tmp_path, field, value, message):
   workdir, _ = smoke_run
   shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
   config = smoke_config()
-  config.seed = 1
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="seed was 0, now 1"):
+  config[field] = value
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
 
 
