@@ -1,14 +1,12 @@
 """Tests for the example's per-layer drift logging (``config.log_drift``).
 
-The train step's drift metrics are checked against float64 NumPy for the first norm layer (its
-input, a convolution of the images, does not depend on any normalisation), the epoch averaging
-and its checkpointed progress by hand, and the plot. The smoke runs of ``test_train.py`` log drift
+The train step's drift metrics (of the shared `accumulated_step`, conftest.py) are checked
+against float64 NumPy for the first norm layer (its input, a convolution of the images, does not
+depend on any normalisation), the epoch averaging and its checkpointed progress by hand, and the
+plot. The smoke runs of ``test_train.py`` log drift
 by default: their metrics lines and ``drift.png`` are checked there, and the exact resumption test
 covers the drift sums a checkpoint's progress keeps.
 """
-
-import functools
-from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -16,37 +14,18 @@ import numpy as np
 import pytest
 
 from bnjax_examples import config_check
-from bnjax_examples import input_pipeline
 from bnjax_examples import metrics
 from bnjax_examples import reporting
-from bnjax_examples import steps
 from configs import default as default_config
 from tests.examples import float64_reference
 
-UNOPTIMISED = {"xla_backend_optimization_level": 0}  # Compiles in a second; same values.
 LAYERS = ("BatchNorm_0", "BatchNorm_1", "BatchNorm_2")  # The smoke CNN's norm layers.
 
 
-@pytest.fixture(scope="module")
-def drift_step():
-  """The initial state, a batch, and the compiled one-device train step that logs drift."""
-  config = default_config.get_config("smoke")
-  dataset = input_pipeline.load_dataset("digits")
-  model = steps.create_model(config, dataset.num_classes)
-  learning_rate_fn = steps.create_learning_rate_fn(config, steps_per_epoch=4)
-  state = jax.jit(functools.partial(
-      steps.create_train_state, config=config, model=model, image_shape=dataset.image_shape,
-      learning_rate_fn=learning_rate_fn), compiler_options=UNOPTIMISED)(jax.random.key(0))
-  batch = next(input_pipeline.train_batches(dataset, global_batch_size=cast(int, config.batch_size),
-                                             seed=0))
-  step = jax.jit(functools.partial(steps.train_step, log_drift=True),
-                 compiler_options=UNOPTIMISED)
-  return config, state, batch, step
-
-
-def test_first_layer_drift_matches_numpy_and_every_layer_is_reported(drift_step):
-  config, state, batch, step = drift_step
-  _, step_metrics = step(state, batch)
+def test_first_layer_drift_is_the_whole_batch_against_numpy_and_every_layer_is_reported(
+    accumulated_step):
+  # The shared step pools 4 micro-batches: for the first layer, the whole batch's moments.
+  config, _, state, batch, _, _, step_metrics = accumulated_step
   step_metrics = jax.device_get(step_metrics)
   running = jax.device_get(state.batch_stats["BatchNorm_0"])
   smd, log_ratio = float64_reference.drift_means(
@@ -63,8 +42,8 @@ def test_first_layer_drift_matches_numpy_and_every_layer_is_reported(drift_step)
   assert all(step_metrics[f"drift/{layer}/skipped"] == 0.0 for layer in LAYERS)
 
 
-def test_a_non_finite_batch_is_flagged_as_skipped(drift_step):
-  _, state, batch, step = drift_step
+def test_a_non_finite_batch_is_flagged_as_skipped(accumulated_step):
+  _, _, state, batch, step, _, _ = accumulated_step
   images = np.array(batch["image"])
   images[0, 3, 3, 0] = np.nan  # Reaches every channel of the first convolution.
   new_state, step_metrics = step(state, {**batch, "image": jnp.asarray(images)})
