@@ -4,8 +4,9 @@ A checkpoint holds two items:
 
 * ``state``: ``params``, ``batch_stats``, ``opt_state`` and ``step``, as arrays;
 * ``progress``: JSON with the data position (``epoch``, ``batch_in_epoch``), the running sums of the
-  current epoch's training metrics, and what the data stream and the model depend on (dataset,
-  seed, batch size, model fields), so a resumed run continues exactly where it stopped.
+  current epoch's training metrics, and what the data stream, the steps and the model depend on
+  (dataset, seed, batch size; dropout, Batch Renormalization, gradient accumulation; model fields),
+  so a resumed run continues exactly where it stopped.
 
 Restoring first compares the stored variables with the model's by name and shape, and refuses with
 a `CheckpointMismatchError` that lists the differences: a checkpoint is never partly loaded.
@@ -91,10 +92,12 @@ class Checkpointer:
 
   Args:
     directory: where the checkpoints go, one subdirectory per step.
-    run: ``{'data': {...}, 'model': {...}}``, stored with every checkpoint. ``data`` is what the
-      data stream depends on (dataset, seed, batch size, steps per epoch): resuming with other
-      values would not continue the run, so it must match. ``model`` describes the model in
-      error messages; the variables themselves are compared by name and shape.
+    run: ``{'data': {...}, 'model': {...}}`` and optionally ``'training': {...}``, stored with
+      every checkpoint. ``data`` is what the data stream depends on (dataset, seed, batch size,
+      steps per epoch) and ``training`` what the steps depend on beyond the variables (e.g.
+      dropout, Batch Renormalization, gradient accumulation): resuming with other values would
+      not continue the run, so both must match. ``model`` describes the model in error messages;
+      the variables themselves are compared by name and shape.
     max_to_keep: older checkpoints are deleted.
   """
 
@@ -141,7 +144,8 @@ class Checkpointer:
 
     Raises:
       CheckpointMismatchError: if the checkpoint's variables differ from the model's in name or
-        shape, or its ``run['data']`` differs from this run's. Nothing is loaded then.
+        shape, or its ``run['data']`` or ``run['training']`` differs from this run's. Nothing is
+        loaded then.
     """
     step = self._manager.latest_step()
     if step is None:
@@ -164,9 +168,14 @@ class Checkpointer:
           f"this one.\n  Checkpoint's model: {stored_run.get('model')}\n  This model: "
           f"{self.run['model']}\n  "
           + "\n  ".join(differences) + f"\n{fix}")
-    stored_data = stored_run.get("data", {})
-    changed = {k: (stored_data.get(k), v) for k, v in self.run["data"].items()
-               if stored_data.get(k) != v}
+    # Every section but `model` must match; a section the checkpoint did not record (written
+    # before the section existed) is not compared.
+    changed = {}
+    for section, fields in self.run.items():
+      if section == "model" or (section != "data" and section not in stored_run):
+        continue
+      stored = stored_run.get(section, {})
+      changed.update({k: (stored.get(k), v) for k, v in fields.items() if stored.get(k) != v})
     if changed:
       raise CheckpointMismatchError(
           f"The checkpoint {where} was written for a different run, so resuming would not continue "

@@ -155,6 +155,33 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
             and not compare, "batch_renorm",
             "Batch Renormalization is built into the linen CNN with norm='bnjax' trained from "
             "scratch only; use False.")
+  log_drift = config.get("log_drift")
+  require(log_drift is None or isinstance(log_drift, bool), "log_drift",
+          "must be True, False or unset (logged wherever the run has bnjax.BatchNorm layers).")
+  if log_drift is True:
+    require(api == "linen" and config.norm == "bnjax" and not init_from
+            and all(n == "bnjax" for n in compare), "log_drift",
+            "drift is read from the batch moments that the linen bnjax.BatchNorm sows in "
+            "training; bnjax.nnx.BatchNorm does not expose them, and other norms, the "
+            "fine-tuning step (frozen batch norm) and a comparison with them have none to log; "
+            "use --config.log_drift=False, or --config.api=linen --config.norm=bnjax.")
+  accum = config.get("grad_accum_steps", 1)
+  require(is_int(accum) and accum >= 1, "grad_accum_steps",
+          "must be an int >= 1 (1: no gradient accumulation).")
+  if is_int(accum) and accum > 1:
+    if is_int(config.batch_size) and config.batch_size > 0:
+      per_device = config.batch_size // num_devices if config.batch_size % num_devices == 0 else 0
+      require(per_device > 0 and per_device % accum == 0, "grad_accum_steps",
+              f"each of the {num_devices} devices splits its share of config.batch_size = "
+              f"{config.batch_size} into {accum} equal micro-batches, so config.batch_size must "
+              f"be a multiple of {accum * num_devices} (grad_accum_steps x devices).")
+    stats_norms = ("flax", "whitening")  # Running statistics, but no sown moments to pool.
+    require(api == "linen" and not init_from
+            and all(n not in stats_norms for n in (config.norm, *compare)),
+            "grad_accum_steps",
+            "gradient accumulation is built into the linen step trained from scratch, with "
+            "bnjax.BatchNorm (updated once per optimizer step from the pooled micro-batch "
+            "statistics) or norms without running statistics; use 1.")
   precise = config.get("precise_stats_batches", 0)
   require(is_int(precise) and precise >= 0, "precise_stats_batches",
           "must be an int >= 0 (0: keep the running averages).")
@@ -166,6 +193,16 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     require(isinstance(config.get(field), bool), field, "must be True or False.")
   if problems:
     raise ConfigError("Invalid config; nothing was trained:\n  " + "\n  ".join(problems))
+
+
+def logs_drift(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run logs the drift of its norm layers (``config.log_drift``, see configs/default.py).
+
+  Unless it is False: on the linen path, with norm ``'bnjax'``, trained from scratch (the layers
+  that sow their batch moments in a training step).
+  """
+  return (config.get("log_drift") is not False and config.get("api", "linen") == "linen"
+          and config.norm == "bnjax" and not config.get("init_from"))
 
 
 def whitening_options(config: ml_collections.ConfigDict) -> dict[str, Any]:

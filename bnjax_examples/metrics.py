@@ -50,6 +50,11 @@ def eval_summary(batch_metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]
           "test_accuracy": totals["correct"] / totals["count"]}
 
 
+# Step metrics named ``drift/<layer>/<name>`` (`steps.drift_metrics`) are per-step values, averaged
+# over the epoch's steps rather than summed over examples.
+DRIFT_PREFIX = "drift/"
+
+
 class EpochTotals:
   """Running sums of one epoch's training metrics; part of a checkpoint's progress.
 
@@ -57,29 +62,57 @@ class EpochTotals:
     loss_sum: Σ loss so far.
     correct: Σ correct predictions so far.
     count: examples so far.
+    drift_sums: Σ over the steps so far of each ``drift/<layer>/<name>`` step metric.
+    drift_steps: the steps whose drift is in `drift_sums`.
   """
 
-  def __init__(self, loss_sum: float = 0.0, correct: float = 0.0, count: float = 0.0):
+  def __init__(self, loss_sum: float = 0.0, correct: float = 0.0, count: float = 0.0,
+               drift_sums: Mapping[str, float] | None = None, drift_steps: int = 0):
     self.loss_sum, self.correct, self.count = loss_sum, correct, count
+    self.drift_sums = dict(drift_sums or {})
+    self.drift_steps = drift_steps
 
   @classmethod
   def from_progress(cls, progress: Mapping[str, Any]) -> "EpochTotals":
     """The totals a checkpoint's progress recorded (see `as_progress`)."""
-    return cls(progress["epoch_loss_sum"], progress["epoch_correct"], progress["epoch_count"])
+    return cls(progress["epoch_loss_sum"], progress["epoch_correct"], progress["epoch_count"],
+               progress.get("epoch_drift_sums"), progress.get("epoch_drift_steps", 0))
 
   def add(self, step_metrics: Iterable[Mapping[str, Any]]) -> None:
-    """Adds the `batch_sums` of some steps (fetched from the devices here)."""
+    """Adds the `batch_sums` (and drift) of some steps (fetched from the devices here)."""
     for metrics in jax.device_get(list(step_metrics)):
       self.loss_sum += float(metrics["loss_sum"])
       self.correct += float(metrics["correct"])
       self.count += float(metrics["count"])
+      drift = {name: float(value) for name, value in metrics.items()
+               if name.startswith(DRIFT_PREFIX)}
+      if drift:
+        self.drift_steps += 1
+        for name, value in drift.items():
+          self.drift_sums[name] = self.drift_sums.get(name, 0.0) + value
 
-  def summary(self) -> dict[str, float]:
-    """Mean training loss and accuracy so far (0 before any step)."""
+  def summary(self) -> dict[str, Any]:
+    """Mean training loss and accuracy so far (0 before any step), and the drift if logged.
+
+    ``drift`` (only when steps logged it) is ``{layer: {'mean_abs_smd', 'mean_abs_log_var_ratio':
+    means over the steps, 'skipped_steps': steps where some channel kept its running statistics}}``.
+    """
     count = max(self.count, 1.0)
-    return {"train_loss": self.loss_sum / count, "train_accuracy": self.correct / count}
+    summary: dict[str, Any] = {"train_loss": self.loss_sum / count,
+                               "train_accuracy": self.correct / count}
+    if self.drift_steps:
+      drift: dict[str, dict[str, Any]] = {}
+      for name, total in sorted(self.drift_sums.items()):
+        layer, _, field = name[len(DRIFT_PREFIX):].rpartition("/")
+        if field == "skipped":
+          drift.setdefault(layer, {})["skipped_steps"] = round(total)
+        else:
+          drift.setdefault(layer, {})[field] = total / self.drift_steps
+      summary["drift"] = drift
+    return summary
 
-  def as_progress(self) -> dict[str, float]:
+  def as_progress(self) -> dict[str, Any]:
     """The totals as a checkpoint's progress stores them."""
     return {"epoch_loss_sum": self.loss_sum, "epoch_correct": self.correct,
-            "epoch_count": self.count}
+            "epoch_count": self.count, "epoch_drift_sums": dict(self.drift_sums),
+            "epoch_drift_steps": self.drift_steps}

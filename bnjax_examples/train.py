@@ -55,7 +55,9 @@ def run_label(config: ml_collections.ConfigDict, norm: str | None = None) -> str
   return label + (", fine-tuned, batch norm frozen" if config.get("init_from") else "")
 
 
-def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False, renorm_steps: int = 0
+def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False, renorm_steps: int = 0,
+                        log_drift: bool = False, grad_accum_steps: int = 1,
+                        batch_norm_momentum: float | None = None
                         ) -> Callable[[steps.TrainState, dict], tuple[steps.TrainState, dict]]:
   """`steps.train_step` over the mesh: state replicated and donated, batch split along the axis.
 
@@ -64,9 +66,14 @@ def parallel_train_step(mesh: Mesh, *, fast_compile: bool = False, renorm_steps:
       `parallel.AXIS` (``steps.create_model(..., axis_name=parallel.AXIS)``).
     fast_compile: on CPU, compile without LLVM optimisation (see `parallel.data_parallel`).
     renorm_steps: > 0: Batch Renormalization scheduled over a run of this many steps.
+    log_drift: add the norm layers' drift to the step metrics (`steps.drift_metrics`).
+    grad_accum_steps: micro-batches per optimizer step (each device splits its share).
+    batch_norm_momentum: the norm layers' momentum, for the pooled update of accumulation.
   """
   return parallel.data_parallel(
-      functools.partial(steps.train_step, axis_name=parallel.AXIS, renorm_steps=renorm_steps),
+      functools.partial(steps.train_step, axis_name=parallel.AXIS, renorm_steps=renorm_steps,
+                        log_drift=log_drift, grad_accum_steps=grad_accum_steps,
+                        batch_norm_momentum=batch_norm_momentum),
       mesh, donate_state=True, fast_compile=fast_compile)
 
 
@@ -108,7 +115,10 @@ def build_run(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset
         mesh)
     train_fn = parallel_train_step(
         mesh, fast_compile=config.fast_compile,
-        renorm_steps=num_steps if config.get("batch_renorm", False) else 0)
+        renorm_steps=num_steps if config.get("batch_renorm", False) else 0,
+        log_drift=config_check.logs_drift(config),
+        grad_accum_steps=config.get("grad_accum_steps", 1),
+        batch_norm_momentum=config.batch_norm_momentum)
   return state, train_fn, parallel_eval_step(mesh, fast_compile=config.fast_compile)
 
 
@@ -122,12 +132,20 @@ def evaluate(eval_fn: Callable, state: steps.TrainState, dataset: input_pipeline
 
 
 def run_description(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, Any]:
-  """What a checkpoint records of its run: the data stream (must match to resume), the model."""
+  """What a checkpoint records of its run: data stream and steps (must match to resume), model.
+
+  ``training`` holds the fields that change what a step computes without changing the variables'
+  names or shapes (those are compared by the checkpointer). ``log_drift`` is not among them: it
+  adds metrics and leaves the state unchanged.
+  """
   model_fields = {"model": config.model, "norm": config.norm, "api": config.get("api", "linen")}
   model_fields.update(config.cnn.to_dict() if config.model == "CNN" else config.resnet.to_dict())
   return {"data": {"dataset": config.dataset, "seed": config.seed,
                    "batch_size": config.batch_size, "steps_per_epoch": steps_per_epoch,
                    "augment": config.augment},
+          "training": {"dropout_rate": config.get("dropout_rate", 0.0),
+                       "batch_renorm": config.get("batch_renorm", False),
+                       "grad_accum_steps": config.get("grad_accum_steps", 1)},
           "model": model_fields}
 
 
@@ -135,7 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
   """Trains ``config.model`` on ``config.dataset``, evaluating after every epoch.
 
   Resumes from the newest checkpoint in ``workdir/checkpoints`` when there is one. Writes
-  ``workdir/metrics.jsonl`` (one line per epoch) and ``workdir/metrics.png``.
+  ``workdir/metrics.jsonl`` (one line per epoch), ``workdir/metrics.png`` and, when the run logs
+  the norm layers' drift (`config_check.logs_drift`), ``workdir/drift.png``.
 
   Args:
     config: the run's config (see ``configs/default.py``); validated before anything starts.
@@ -213,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> steps
       reporting.plot_learning_curves(
           {run_label(config): records}, os.path.join(workdir, reporting.PLOT_FILE),
           title=f"{config.model} on {config.dataset}")
+      reporting.plot_drift(records, os.path.join(workdir, reporting.DRIFT_PLOT_FILE),
+                           title=f"{run_label(config)}: batch statistics against running ones")
   return state
 
 

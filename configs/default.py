@@ -10,6 +10,7 @@ for a run of a few steps with a tiny model, as the tests do.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,6 +47,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # this many training batches (`bnjax.tools.precise_batch_stats`, dropout off) and report the
   # test accuracy before and after (workdir/precise_stats.json); 0: keep the running averages.
   config.precise_stats_batches = 0
+  # Each step's drift of every bnjax.BatchNorm's batch statistics from its running statistics
+  # (`bnjax.tools.linen_drift`), averaged per epoch into metrics.jsonl and plotted to drift.png.
+  # Unset (None): logged wherever the run has bnjax.BatchNorm layers on the linen path; True:
+  # required (the config check refuses a run that has none to log); False: off.
+  config.log_drift = config_dict.placeholder(bool)
+  # k > 1: split each batch into k micro-batches, accumulate their gradients and update every
+  # bnjax.BatchNorm's running statistics once per optimizer step, with the pooled statistics of
+  # the k micro-batches (`bnjax.tools.update_from_micro_batches`).
+  config.grad_accum_steps = 1
   # Comparison mode: train once per entry and plot them together, e.g. ("bnjax", "none").
   config.compare_norms = ()
   # 0.9 rather than Flax's 0.99: with a few hundred steps, 0.99 leaves the running averages

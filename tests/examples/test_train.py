@@ -68,6 +68,7 @@ def test_smoke_run_beats_chance_on_the_test_set(smoke_run):
 def test_smoke_run_writes_plot_and_final_checkpoint(smoke_run):
   workdir, state = smoke_run
   assert (workdir / reporting.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+  assert (workdir / reporting.DRIFT_PLOT_FILE).read_bytes().startswith(b"\x89PNG")
   assert int(jax.device_get(state.step)) == 12
   assert train.latest_checkpoint(str(workdir)) == str(workdir / "checkpoints" / "12")
 
@@ -109,12 +110,19 @@ def test_checkpoint_of_another_model_shape_is_refused(smoke_run, tmp_path):
   assert not (tmp_path / reporting.METRICS_FILE).exists()
 
 
-def test_checkpoint_of_another_data_stream_is_refused(smoke_run, tmp_path):
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", 1, "seed was 0, now 1"),
+    # What the steps compute, beyond the variables' shapes.
+    ("dropout_rate", 0.5, "dropout_rate was 0.0, now 0.5"),
+    ("batch_renorm", True, "batch_renorm was False, now True"),
+    ("grad_accum_steps", 2, "grad_accum_steps was 1, now 2"),
+])
+def test_checkpoint_of_another_data_stream_is_refused(smoke_run, tmp_path, field, value, message):
   workdir, _ = smoke_run
   shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
   config = smoke_config()
-  config.seed = 1
-  with pytest.raises(checkpointing.CheckpointMismatchError, match="seed was 0, now 1"):
+  config[field] = value
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -180,6 +188,10 @@ def test_metrics_lines_are_json_with_loss_and_accuracy(smoke_run):
   record = json.loads(lines[-1])
   assert {"epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
           "learning_rate", "norm"} <= set(record)
+  # Drift is logged by default: per norm layer, the epoch's means and its skipped steps.
+  assert sorted(record["drift"]) == ["BatchNorm_0", "BatchNorm_1", "BatchNorm_2"]
+  assert set(record["drift"]["BatchNorm_0"]) == {"mean_abs_smd", "mean_abs_log_var_ratio",
+                                                 "skipped_steps"}
 
 
 def test_norm_factory_of_the_config_reaches_the_model():
