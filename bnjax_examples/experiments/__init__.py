@@ -18,6 +18,8 @@ EXPERIMENTS = {
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
+    "dropout_shift": "bnjax_examples.experiments.dropout_shift",
+    "small_batch": "bnjax_examples.experiments.small_batch",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.

@@ -107,6 +107,13 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
       assert set(data["summary"]["group norm"][m]) == {"ema"}
       assert 0 <= data["summary"]["group norm"][m]["ema"]["mean"] <= 100
     assert set(data["renorm_minus_batch_norm"]) == set(sizes)
+  elif name == "dropout_shift":  # More in test_dropout_shift.py.
+    for cell in ("before, p=0", "after, p=0.5"):  # No dropout before a norm: no shift.
+      np.testing.assert_allclose(data["summary"][cell]["formula_ratio"]["mean"], 1.0, rtol=1e-6)
+    assert set(data["precise_minus_ema"]) == set(data["summary"])
+  elif name == "small_batch":  # More in test_small_batch.py.
+    assert set(data["batch_summary"]) == {str(m) for m in data["batch_sizes"]}
+    assert set(data["ghost_summary"]) == {str(b) for b in data["ghost_sizes"]}
   else:
     pytest.fail(f"No check for experiment {name!r}.")
 
