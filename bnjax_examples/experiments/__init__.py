@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
+    "whitening": "bnjax_examples.experiments.whitening",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.
