@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
     "whitening": "bnjax_examples.experiments.whitening",
+    "covariate_shift": "bnjax_examples.experiments.covariate_shift",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.

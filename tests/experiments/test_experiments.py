@@ -19,6 +19,7 @@ from bnjax_examples.experiments import RESULT_FIELDS
 from bnjax_examples.experiments import RESULT_FILE
 from bnjax_examples.experiments import VERDICTS
 from bnjax_examples.experiments import runner
+from tests.experiments import test_covariate_shift
 from tests.experiments import test_whitening
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "experiments")
@@ -110,6 +111,8 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
     assert set(data["renorm_minus_batch_norm"]) == set(sizes)
   elif name == "whitening":
     test_whitening.check_result(result)
+  elif name == "covariate_shift":
+    test_covariate_shift.check_result(result)
   else:
     pytest.fail(f"No check for experiment {name!r}.")
 
