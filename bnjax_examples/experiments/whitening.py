@@ -189,7 +189,7 @@ def _time_steps(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return harness.cross_entropy(logits, y), new_states
       (_, new_states), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return jax.tree.map(lambda p, g: p - config.learning_rate * g, params, grads), new_states
-    step = jax.jit(step)
+    step = harness.jit(step, config.fast_compile)
     params, states = jax.block_until_ready(step(params, states))  # Compiles.
     steps[arm] = (step, params, states)
   load_before = os.getloadavg()[0]
