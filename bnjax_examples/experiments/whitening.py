@@ -338,10 +338,10 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
            "the claim."),
           ("'Next layer's input' is the ReLU output before the 2×2 average pool, which only "
            "averages positions within each channel."),
-          ("The step times are one 2-core CPU shared with other jobs (1-minute load average "
-           f"{load[0]:.1f} before the timing, {load[1]:.1f} after); the ratios are medians of "
-           "per-round ratios of interleaved runs, a tiny CNN at batch 64, not the speed of "
-           "bnjax on large layers (see benchmarks/RESULTS-whitening.md)."),
+          ("The step times were measured on 2 CPU cores shared with other jobs (1-minute load "
+           f"average {load[0]:.1f} before the timing, {load[1]:.1f} after); the ratios are "
+           "medians of per-round ratios of interleaved runs, a tiny CNN at batch 64, not the "
+           "speed of bnjax on large layers (see benchmarks/RESULTS-whitening.md)."),
           ("On the digits every arm but PCA reaches about 98 %, so an accuracy gain of whitening "
            "of the published size (well under a point) is within the seed spread; the accuracy "
            "part can only come out inconclusive here unless the gain is larger."),
