@@ -20,6 +20,8 @@ EXPERIMENTS = {
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
     "dropout_shift": "bnjax_examples.experiments.dropout_shift",
     "small_batch": "bnjax_examples.experiments.small_batch",
+    "whitening": "bnjax_examples.experiments.whitening",
+    "covariate_shift": "bnjax_examples.experiments.covariate_shift",
 }
 
 # What every result.json holds, as FINDINGS.md needs it.

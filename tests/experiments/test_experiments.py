@@ -19,6 +19,8 @@ from bnjax_examples.experiments import RESULT_FIELDS
 from bnjax_examples.experiments import RESULT_FILE
 from bnjax_examples.experiments import VERDICTS
 from bnjax_examples.experiments import runner
+from tests.experiments import test_covariate_shift
+from tests.experiments import test_whitening
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "experiments")
 
@@ -114,6 +116,10 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
   elif name == "small_batch":  # More in test_small_batch.py.
     assert set(data["batch_summary"]) == {str(m) for m in data["batch_sizes"]}
     assert set(data["ghost_summary"]) == {str(b) for b in data["ghost_sizes"]}
+  elif name == "whitening":
+    test_whitening.check_result(result)
+  elif name == "covariate_shift":
+    test_covariate_shift.check_result(result)
   else:
     pytest.fail(f"No check for experiment {name!r}.")
 
