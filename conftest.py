@@ -30,7 +30,8 @@ if str(REPO_ROOT) not in sys.path:
 # IEEE's either way; only the machine code is less optimised. BNJAX_TEST_FULL_OPT=1 compiles with
 # XLA's defaults instead (the benchmarks always do).
 _FAST_COMPILE_FLAGS = ("" if os.environ.get("BNJAX_TEST_FULL_OPT") == "1" else
-                       " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+                       " --xla_backend_optimization_level=0"
+                       " --xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FAST_COMPILE_FLAGS +
                            " --xla_force_host_platform_device_count=8").strip()
 
