@@ -28,7 +28,7 @@ from bnjax.types import BatchNormState
 from bnjax.types import BatchStats
 from bnjax.types import CumulativeState
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchMoments", "BatchNorm"]
 
 _WHERE = "bnjax.nnx.BatchNorm"
 # Flax's default initialisers, built once (a call in a default argument would run at import anyway).
@@ -297,8 +297,6 @@ class BatchMoments(nnx.Intermediate):
     (Array([2.], dtype=float32), Array([1.], dtype=float32), Array([2], dtype=int32))
   """
 
-
-__all__ += ["BatchMoments"]
 
 
 def _captures(module: nnx.Module, variable_type: type[nnx.Variable[Any]]) -> bool:
