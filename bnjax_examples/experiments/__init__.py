@@ -13,6 +13,7 @@ regenerates ``FINDINGS.md`` from the results (`findings`). One module per claim,
 EXPERIMENTS = {
     "training_speed": "bnjax_examples.experiments.training_speed",
     "bias_gradient": "bnjax_examples.experiments.bias_gradient",
+    "bias_gradient_norms": "bnjax_examples.experiments.bias_gradient_norms",
     "stop_gradient": "bnjax_examples.experiments.stop_gradient",
     "relu_order": "bnjax_examples.experiments.relu_order",
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",

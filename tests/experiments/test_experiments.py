@@ -59,6 +59,23 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
             ("eval", "plain")} <= cases
     # Cancellation is exact up to rounding at any size; evaluation mode is not cancelled.
     assert result["verdict"] == "confirmed"
+  elif name == "bias_gradient_norms":
+    rows = data["rows"]
+    assert {(r["norm"], r["bias"]) for r in rows} == {
+        ("layer norm over C", "per channel"), ("layer norm over C", "scalar"),
+        ("layer norm over H,W,C", "per channel"), ("layer norm over H,W,C", "scalar"),
+        ("group norm", "per channel"), ("group norm", "per group"),
+        ("instance norm", "per channel")}
+    # A bias constant over each normalised set is cancelled to rounding (float32: far below
+    # 1e-4); a per-channel bias under layer norm or group norm is not.
+    cancelled = {("layer norm over C", "scalar"), ("layer norm over H,W,C", "scalar"),
+                 ("group norm", "per group"), ("instance norm", "per channel")}
+    for r in rows:
+      if (r["norm"], r["bias"]) in cancelled:
+        assert r["ratio_max"] < 1e-4, r
+      else:
+        assert r["ratio_min"] > 1e-2, r
+    assert result["verdict"] == "confirmed"
   elif name == "training_speed":
     for arm in data["arms"].values():
       steps = np.asarray(arm["steps_to_target"])
