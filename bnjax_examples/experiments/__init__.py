@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
+    "batch_renorm_non_iid": "bnjax_examples.experiments.batch_renorm_non_iid",
     "dropout_shift": "bnjax_examples.experiments.dropout_shift",
     "small_batch": "bnjax_examples.experiments.small_batch",
     "whitening": "bnjax_examples.experiments.whitening",

@@ -126,6 +126,13 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
       assert set(data["summary"]["group norm"][m]) == {"ema"}
       assert 0 <= data["summary"]["group norm"][m]["ema"]["mean"] <= 100
     assert set(data["renorm_minus_batch_norm"]) == set(sizes)
+  elif name == "batch_renorm_non_iid":
+    for arm in ("batch norm", "batch renorm", "group norm"):
+      for what in ("accuracy", "train_loss"):
+        assert set(data["summary"][arm][what]) == {"i.i.d.", "non-i.i.d."}
+      for sampling in ("i.i.d.", "non-i.i.d."):
+        assert 10 < data["summary"][arm]["accuracy"][sampling]["mean"] <= 100  # Above chance.
+    assert set(data["iid_minus_non_iid"]) == {"batch norm", "batch renorm", "group norm"}
   elif name == "dropout_shift":  # More in test_dropout_shift.py.
     for cell in ("before, p=0", "after, p=0.5"):  # No dropout before a norm: no shift.
       np.testing.assert_allclose(data["summary"][cell]["formula_ratio"]["mean"], 1.0, rtol=1e-6)
