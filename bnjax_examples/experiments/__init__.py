@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "relu_order": "bnjax_examples.experiments.relu_order",
     "precise_statistics": "bnjax_examples.experiments.precise_statistics",
     "unbiased_variance": "bnjax_examples.experiments.unbiased_variance",
+    "unbiased_variance_cnn": "bnjax_examples.experiments.unbiased_variance_cnn",
     "batch_renorm": "bnjax_examples.experiments.batch_renorm",
     "batch_renorm_non_iid": "bnjax_examples.experiments.batch_renorm_non_iid",
     "dropout_shift": "bnjax_examples.experiments.dropout_shift",

@@ -103,6 +103,19 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
     assert math.isclose(data["theory"]["2"], math.sqrt(2), rel_tol=1e-12)
     for m in sizes:
       assert {"biased_ratio", "unbiased_ratio", "precise_accuracy"} <= set(data["summary"][str(m)])
+  elif name == "unbiased_variance_cnn":
+    sizes = data["images_per_batch"]
+    assert set(data["summary"]) == {str(n) for n in sizes}
+    for n in sizes:  # m = N·H·W: 8x8, then 4x4 after pooling.
+      assert data["values_per_channel"][str(n)] == [64 * n, 16 * n]
+      np.testing.assert_allclose(data["theory"][str(n)],
+                                 [math.sqrt(m / (m - 1)) for m in (64 * n, 16 * n)], rtol=1e-12)
+      row = data["summary"][str(n)]
+      for name_ in ("biased_ratio", "unbiased_ratio", "predicted_ratio", "effective_m"):
+        assert len(row[name_]["mean"]) == 2
+      # Over the same run the unbiased running variance is the larger: smaller test std.
+      assert all(u <= b for u, b in zip(row["unbiased_ratio"]["mean"], row["biased_ratio"]["mean"],
+                                        strict=True))
   elif name == "precise_statistics":
     summary = data["summary"]
     assert set(summary) == {str(b) for b in data["batch_sizes"]}
