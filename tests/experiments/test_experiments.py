@@ -146,6 +146,8 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
       for sampling in ("i.i.d.", "non-i.i.d."):
         assert 10 < data["summary"][arm]["accuracy"][sampling]["mean"] <= 100  # Above chance.
     assert set(data["iid_minus_non_iid"]) == {"batch norm", "batch renorm", "group norm"}
+    for key in ("renorm_minus_batch_norm_non_iid", "renorm_minus_batch_norm_iid"):
+      assert set(data[key]) == {"mean", "se"}
   elif name == "dropout_shift":  # More in test_dropout_shift.py.
     for cell in ("before, p=0", "after, p=0.5"):  # No dropout before a norm: no shift.
       np.testing.assert_allclose(data["summary"][cell]["formula_ratio"]["mean"], 1.0, rtol=1e-6)
