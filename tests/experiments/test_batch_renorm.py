@@ -47,7 +47,8 @@ def test_batch_norm_arm_and_renorm_in_its_warm_up_normalise_by_the_batch():
 
 def test_few_class_rows_draws_half_the_batch_from_each_of_two_classes():
   labels = np.repeat(np.arange(10), np.arange(3, 13))  # Unequal classes: 3, 4, ..., 12 rows.
-  rows_fn = batch_renorm_non_iid.few_class_rows(jnp.asarray(labels, jnp.int32), batch_size=6)
+  rows_fn = jax.jit(batch_renorm_non_iid.few_class_rows(jnp.asarray(labels, jnp.int32),
+                                                        batch_size=6))
   seen_one_class = 0
   for step in range(40):
     rows = np.asarray(rows_fn(jax.random.key(3), jnp.asarray(step)))
@@ -63,7 +64,8 @@ def test_few_class_rows_draws_half_the_batch_from_each_of_two_classes():
 
 def test_few_class_rows_reaches_every_row_of_a_class():
   labels = np.asarray([0, 1, 0, 1, 1, 0, 1], np.int32)
-  rows_fn = batch_renorm_non_iid.few_class_rows(jnp.asarray(labels), batch_size=2, num_classes=2)
+  rows_fn = jax.jit(batch_renorm_non_iid.few_class_rows(jnp.asarray(labels), batch_size=2,
+                                                        num_classes=2))
   drawn = {int(r) for step in range(60)
            for r in np.asarray(rows_fn(jax.random.key(0), jnp.asarray(step)))}
   assert drawn == set(range(len(labels)))
