@@ -6,7 +6,8 @@ directory)::
   python -m bnjax_examples.experiments --config=configs/experiments/<name>.py --workdir=DIR
 
 ``make experiments`` runs them all into ``bnjax_examples/experiments/results/<name>/`` and
-regenerates ``FINDINGS.md`` from the results (`findings`). One module per claim, sharing `harness`.
+regenerates ``FINDINGS.md`` from the results (`findings`). One module per claim (a second one for a
+separate part of a claim), sharing `harness`.
 """
 
 # The claims, in the order FINDINGS.md lists them: experiment name -> module.
