@@ -13,8 +13,8 @@ DOCS_STAMP := $(VENV)/.bnjax-docs-installed
 RUFF_PATHS := bnjax conftest.py docs tests/test_readme.py tests/test_packaging.py \
     bnjax_examples/experiments tests/experiments configs/experiments
 
-EXPERIMENTS := training_speed bias_gradient stop_gradient relu_order precise_statistics \
-    unbiased_variance batch_renorm dropout_shift small_batch \
+EXPERIMENTS := training_speed bias_gradient bias_gradient_norms stop_gradient relu_order precise_statistics \
+    unbiased_variance unbiased_variance_cnn batch_renorm batch_renorm_non_iid dropout_shift small_batch \
     whitening covariate_shift
 EXPERIMENTS_DIR := bnjax_examples/experiments
 

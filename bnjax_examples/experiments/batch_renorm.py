@@ -52,7 +52,8 @@ def arm_norm(arm: str, config: ml_collections.ConfigDict, num_steps: int):
   return norm
 
 
-def _initial_state(width: int) -> dict[str, Any]:
+def initial_state(width: int) -> dict[str, Any]:
+  """The state `arm_norm` expects for a layer of `width` units: fresh batch norm state, step 0."""
   return {"bn": bnjax.init(width)[1], "step": jnp.zeros((), jnp.int32)}
 
 
@@ -73,7 +74,7 @@ def _measure(config: ml_collections.ConfigDict, arm: str, m: int) -> dict[str, n
   def one_run(key):
     params, states, _ = harness.train(
         model, norm, data, key, rate, batch_size=m, num_steps=num_steps, eval_every=num_steps,
-        norm_state=_initial_state)
+        norm_state=initial_state)
     out = {"ema": plain_eval(params, states, data.test_x[:test_rows])}
     if arm == "group norm":
       return out
@@ -163,7 +164,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
            "normalised by batch-m statistics below it."),
           (f"Test accuracy is over the first {data_rows(config)} test examples (a multiple of "
            "every m, for the test-batch statistics)."),
-          "MLP on digits only; the non-i.i.d. batch variant (few classes per batch) is not run.",
+          ("MLP on digits only; the non-i.i.d. batch variant (two classes per batch) is the "
+           "batch_renorm_non_iid experiment."),
           ("Group norm's single number is stored under 'ema' in data.summary (it has no batch "
            "statistics, so every kind is the same)."),
           ("The run is over the 3-minute budget on the shared 2-core machine: it is mostly "

@@ -90,8 +90,8 @@ def run(config: ml_collections.ConfigDict, plot_path: str) -> dict[str, Any]:
   if len(cases) < len(CASES):
     notes.append(f"Only {jax.device_count()} device(s): the {DEVICES}-device case was not run "
                  "(start through `python -m bnjax_examples.experiments`, which simulates 8).")
-  notes.append("Layer norm and group norm are not in bnjax yet, so which biases they cancel is "
-               "not measured here.")
+  notes.append("Which biases layer, group and instance norm cancel is measured by the "
+               "bias_gradient_norms experiment.")
   rows = []  # One per (dtype, backward, mode, case): the worst ratio over the seeds.
   for dtype_name in config.dtypes:
     with jax.enable_x64(dtype_name == "float64"):

@@ -45,6 +45,20 @@ def _bullets(items: Sequence[str]) -> list[str]:
   return [f"- {item}" for item in items]
 
 
+def anchors(results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+  """Experiment name -> the anchor of its section.
+
+  ``claim-N`` for a claim's first experiment (in `load_results` order), ``claim-N-<name>`` for
+  each further experiment of the same claim, so every anchor is unique.
+  """
+  out, taken = {}, set()
+  for r in results:
+    anchor = f"claim-{r['claim_number']}"
+    out[r["name"]] = anchor if anchor not in taken else f"{anchor}-{r['name']}"
+    taken.add(anchor)
+  return out
+
+
 def render(results: Sequence[Mapping[str, Any]], results_link: str) -> str:
   """FINDINGS.md as text.
 
@@ -70,7 +84,8 @@ def render(results: Sequence[Mapping[str, Any]], results_link: str) -> str:
       "| claim | verdict | seeds | run time |",
       "|---|---|---|---|",
   ]
-  lines.extend(f"| {r['claim_number']}. [{r['claim']}](#claim-{r['claim_number']}) | "
+  anchor = anchors(results)
+  lines.extend(f"| {r['claim_number']}. [{r['claim']}](#{anchor[r['name']]}) | "
                f"**{r['verdict']}** | {len(r['seeds'])} | {r['elapsed_s']:.0f} s |"
                for r in results)
   done = {r["claim_number"] for r in results}
@@ -80,7 +95,7 @@ def render(results: Sequence[Mapping[str, Any]], results_link: str) -> str:
   for r in results:
     lines += [
         "",
-        f'<a id="claim-{r["claim_number"]}"></a>',
+        f'<a id="{anchor[r["name"]]}"></a>',
         f"## Claim {r['claim_number']}: {r['claim']}",
         "",
         f"- **Source:** {r['source']}",

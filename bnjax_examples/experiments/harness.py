@@ -247,6 +247,7 @@ def train(model: "MLP | CNN", norm: Norm, data: Data, key: jax.Array, learning_r
           batch_size: int, num_steps: int, eval_every: int,
           evaluate: Callable[[Any, Any], Mapping[str, jax.Array]] | None = None,
           cosine_decay: bool = False, norm_state: Callable[[int], Any] | None = None,
+          batch_rows: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
           ) -> tuple[Any, Any, dict[str, jax.Array]]:
   """Trains `model` with plain SGD; traceable, so it can be `jax.vmap`-ed over keys and rates.
 
@@ -264,6 +265,8 @@ def train(model: "MLP | CNN", norm: Norm, data: Data, key: jax.Array, learning_r
       the test accuracy and loss in evaluation mode.
     cosine_decay: decay the learning rate to zero over the run (else constant).
     norm_state: as in `MLP.init`.
+    batch_rows: ``(key, step) -> int32 [batch_size]`` training rows of step ``step``; by default
+      `batch_indices` (epochs of i.i.d. shuffled batches).
 
   Returns:
     ``(params, states, history)``, history values stacked over evaluation points, plus
@@ -288,7 +291,10 @@ def train(model: "MLP | CNN", norm: Norm, data: Data, key: jax.Array, learning_r
 
   def step(carry, step_index):
     params, states = carry
-    rows = batch_indices(batch_key, step_index, num_train, batch_size)
+    if batch_rows is None:
+      rows = batch_indices(batch_key, step_index, num_train, batch_size)
+    else:
+      rows = batch_rows(batch_key, step_index)
     (loss, states), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, states, data.train_x[rows], data.train_y[rows])
     rate = learning_rate

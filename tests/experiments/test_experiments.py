@@ -59,6 +59,23 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
             ("eval", "plain")} <= cases
     # Cancellation is exact up to rounding at any size; evaluation mode is not cancelled.
     assert result["verdict"] == "confirmed"
+  elif name == "bias_gradient_norms":
+    rows = data["rows"]
+    assert {(r["norm"], r["bias"]) for r in rows} == {
+        ("layer norm over C", "per channel"), ("layer norm over C", "scalar"),
+        ("layer norm over H,W,C", "per channel"), ("layer norm over H,W,C", "scalar"),
+        ("group norm", "per channel"), ("group norm", "per group"),
+        ("instance norm", "per channel")}
+    # A bias constant over each normalised set is cancelled to rounding (float32: far below
+    # 1e-4); a per-channel bias under layer norm or group norm is not.
+    cancelled = {("layer norm over C", "scalar"), ("layer norm over H,W,C", "scalar"),
+                 ("group norm", "per group"), ("instance norm", "per channel")}
+    for r in rows:
+      if (r["norm"], r["bias"]) in cancelled:
+        assert r["ratio_max"] < 1e-4, r
+      else:
+        assert r["ratio_min"] > 1e-2, r
+    assert result["verdict"] == "confirmed"
   elif name == "training_speed":
     for arm in data["arms"].values():
       steps = np.asarray(arm["steps_to_target"])
@@ -86,6 +103,19 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
     assert math.isclose(data["theory"]["2"], math.sqrt(2), rel_tol=1e-12)
     for m in sizes:
       assert {"biased_ratio", "unbiased_ratio", "precise_accuracy"} <= set(data["summary"][str(m)])
+  elif name == "unbiased_variance_cnn":
+    sizes = data["images_per_batch"]
+    assert set(data["summary"]) == {str(n) for n in sizes}
+    for n in sizes:  # m = N·H·W: 8x8, then 4x4 after pooling.
+      assert data["values_per_channel"][str(n)] == [64 * n, 16 * n]
+      np.testing.assert_allclose(data["theory"][str(n)],
+                                 [math.sqrt(m / (m - 1)) for m in (64 * n, 16 * n)], rtol=1e-12)
+      row = data["summary"][str(n)]
+      for name_ in ("biased_ratio", "unbiased_ratio", "predicted_ratio", "effective_m"):
+        assert len(row[name_]["mean"]) == 2
+      # Over the same run the unbiased running variance is the larger: smaller test std.
+      assert all(u <= b for u, b in zip(row["unbiased_ratio"]["mean"], row["biased_ratio"]["mean"],
+                                        strict=True))
   elif name == "precise_statistics":
     summary = data["summary"]
     assert set(summary) == {str(b) for b in data["batch_sizes"]}
@@ -109,6 +139,15 @@ def test_smoke_run_measures_what_its_claim_needs(smoke_run):
       assert set(data["summary"]["group norm"][m]) == {"ema"}
       assert 0 <= data["summary"]["group norm"][m]["ema"]["mean"] <= 100
     assert set(data["renorm_minus_batch_norm"]) == set(sizes)
+  elif name == "batch_renorm_non_iid":
+    for arm in ("batch norm", "batch renorm", "group norm"):
+      for what in ("accuracy", "train_loss"):
+        assert set(data["summary"][arm][what]) == {"i.i.d.", "non-i.i.d."}
+      for sampling in ("i.i.d.", "non-i.i.d."):
+        assert 10 < data["summary"][arm]["accuracy"][sampling]["mean"] <= 100  # Above chance.
+    assert set(data["iid_minus_non_iid"]) == {"batch norm", "batch renorm", "group norm"}
+    for key in ("renorm_minus_batch_norm_non_iid", "renorm_minus_batch_norm_iid"):
+      assert set(data[key]) == {"mean", "se"}
   elif name == "dropout_shift":  # More in test_dropout_shift.py.
     for cell in ("before, p=0", "after, p=0.5"):  # No dropout before a norm: no shift.
       np.testing.assert_allclose(data["summary"][cell]["formula_ratio"]["mean"], 1.0, rtol=1e-6)

@@ -135,6 +135,15 @@ def test_findings_renders_every_result_with_the_criterion_before_the_number(tmp_
   assert "under load" in text
 
 
+def test_findings_gives_each_experiment_of_one_claim_its_own_anchor():
+  results = [{**_fake_result(name, 3, "confirmed"), "_dir": name} for name in ("base", "variant")]
+  text = findings.render(results, "results")
+  assert text.count('<a id="claim-3"></a>') == 1
+  assert text.count('<a id="claim-3-variant"></a>') == 1
+  assert "(#claim-3) |" in text
+  assert "(#claim-3-variant) |" in text
+
+
 def test_findings_refuses_a_result_without_a_field(tmp_path):
   result = _fake_result("first", 1, "confirmed")
   del result["criterion"]
