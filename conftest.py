@@ -14,7 +14,9 @@ import doctest
 import os
 import pathlib
 import re
+import shutil
 import sys
+import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent
 LIBRARY_DIR = REPO_ROOT / "bnjax"
@@ -41,6 +43,25 @@ import pytest  # noqa: E402  (imported with JAX, after the environment is set)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Many tests compile the same program (the example's training step, a layer at a common shape):
+# JAX's persistent compilation cache, keyed by the program, the flags and the backend, lets the
+# second compile load the first one's executable. One fresh directory per run, shared by the
+# xdist workers (they inherit the variable) and removed when the run ends.
+_CACHE_VARIABLE = "BNJAX_TEST_COMPILATION_CACHE"
+_OWNS_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWNS_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="bnjax-test-xla-cache-")
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+  """Removes the run's compilation cache (in the process that created it)."""
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
 
 # A fenced block that starts with "```python" and ends with a line of "```".
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
