@@ -38,8 +38,10 @@ $(DOCS_STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
+# Three workers on two cores: a worker waiting on a subprocess (the 512-device compile, the
+# benchmark smoke run, the two-process cluster) leaves a core to the others.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests bnjax README.md
+	$(PY) -m pytest -n 3 --dist loadfile tests bnjax README.md
 
 demo: $(STAMP)
 	$(PY) -m bnjax_examples.main --config=configs/default.py --workdir=workdir/default
