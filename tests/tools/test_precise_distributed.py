@@ -10,6 +10,7 @@ import numpy as np
 import bnjax
 from bnjax import tools
 from tests import reference
+from tests.tools import test_precise
 
 F32 = reference.TOLERANCES["float32"]
 AXIS = "batch"
@@ -50,21 +51,6 @@ def _variables(model, x):
   return {"params": params, "batch_stats": running}
 
 
-def _population_reference(variables, batches):
-  """Each layer's float64 population statistics, the first normalising by (global) batch."""
-  p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
-  inputs1, inputs2 = [], []
-  for x in batches:
-    h1 = np.asarray(x, np.float64) @ p["dense1"]["kernel"] + p["dense1"]["bias"]
-    mean, var, _ = reference.moments(h1)
-    a = np.maximum(reference.normalize(h1, mean, var, p["bn1"]["scale"], p["bn1"]["bias"]), 0)
-    inputs1.append(h1)
-    inputs2.append(a @ p["dense2"]["kernel"] + p["dense2"]["bias"])
-  h1, h2 = np.concatenate(inputs1), np.concatenate(inputs2)
-  n = len(h2)
-  return {"bn1": (h1.mean(0), h1.var(0)), "bn2": (h2.mean(0), h2.var(0) * n / (n - 1))}
-
-
 def test_precise_batch_stats_across_devices_equal_one_device_and_float64():
   assert jax.device_count() >= 8
   mesh = Mesh(np.array(jax.devices()[:8]), (AXIS,))
@@ -81,7 +67,9 @@ def test_precise_batch_stats_across_devices_equal_one_device_and_float64():
 
   sharded = tools.precise_batch_stats(sharded_apply, variables, batches, train=True)
   single = tools.precise_batch_stats(single_model.apply, variables, batches, train=True)
-  want = _population_reference(variables, batches)
+  # Float64 statistics of each layer's input over the global batches, as in test_precise.py.
+  reference_stats = test_precise._population_reference(variables, batches)  # noqa: SLF001
+  want = dict(zip(("bn1", "bn2"), reference_stats))
   for layer in ("bn1", "bn2"):
     for got in (sharded, single):
       np.testing.assert_allclose(got["batch_stats"][layer]["mean"], want[layer][0], **F32)
